@@ -1,0 +1,3 @@
+from qlora_kit.cli import main
+
+raise SystemExit(main())

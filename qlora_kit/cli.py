@@ -1,0 +1,165 @@
+"""The ``qlora-kit`` command: parse -> one library call -> render.
+
+Heavy modules (torch, transformers, bitsandbytes) are imported inside the commands that need them,
+so ``plan``, ``models``, ``gpus`` and ``--help`` answer without them. Domain errors become one line
+on stderr and a non-zero exit, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from qlora_kit import __version__
+from qlora_kit.errors import QloraKitError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+
+
+def _auto(choices: Sequence[str]) -> list[str]:
+    return ["auto", *choices]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS
+
+    parser = _Parser(prog="qlora-kit", description="Plan, train and export QLoRA fine-tunes on one GPU.")
+    parser.add_argument("--version", action="version", version=f"qlora-kit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "plan",
+        help="estimate GPU memory and pick settings that fit a card",
+        description="Estimate GPU memory for QLoRA/LoRA training and pick the settings that fit.",
+    )
+    p.add_argument("--model", help="catalog name (opt-6.7b), hub id, local directory or config.json")
+    p.add_argument("--gpu", default="24GB", help="card name (rtx4090, A100-80GB) or size (24GB = 24 GiB)")
+    p.add_argument("--recipe", help="plan exactly this recipe (its knobs are fixed)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--quant", choices=_auto(QUANTS), default="auto")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--targets", help="all-linear, default, or comma-separated module names")
+    p.add_argument("--batch-size", type=int, help="micro-batch size")
+    p.add_argument("--effective-batch", type=int, default=16, help="micro-batch x accumulation (default 16)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--grad-ckpt", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--optimizer", choices=_auto(OPTIMIZERS), default="auto")
+    p.add_argument("--attn", choices=ATTNS, default="sdpa")
+    p.add_argument("--dtype", choices=list(DTYPES))
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--json", action="store_true", help="print one JSON object (schema: docs/planner.md)")
+    p.add_argument("--write-recipe", metavar="PATH", help="write the recipe `qlora-kit train` runs")
+    p.add_argument("--data", help="dataset for the written recipe (default: the bundled quotes)")
+
+    sub.add_parser("models", help="list the model catalog")
+    sub.add_parser("gpus", help="list the GPU table")
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from qlora_kit import recipe as recipes
+    from qlora_kit.catalog import resolve_model
+    from qlora_kit.devices import resolve_gpu
+    from qlora_kit.planner import Constraints, plan, plan_json
+
+    device = resolve_gpu(args.gpu)
+    if args.recipe:
+        fixed = [
+            f
+            for f in ("model", "quant", "rank", "targets", "batch_size", "seq_len", "optimizer", "dtype")
+            if getattr(args, f) not in (None, "auto")
+        ]
+        if fixed or args.grad_ckpt != "auto" or args.double_quant is not None:
+            raise UsageError(
+                "--recipe fixes every knob; options like --"
+                + (fixed or ["grad-ckpt"])[0].replace("_", "-")
+                + " contradict it",
+                "change the recipe or use --set section.key=value",
+            )
+        rec = recipes.load_recipe(args.recipe, args.set)
+        model_name, constraints, data = rec.model.name, recipes.to_constraints(rec), rec.data
+    else:
+        if not args.model:
+            raise UsageError("plan needs --model (or --recipe)", "e.g. qlora-kit plan --model opt-6.7b --gpu 24GB")
+        if args.set:
+            raise UsageError("--set overrides recipe keys", "use it with --recipe")
+        if args.quant in ("none", "int8") and args.double_quant:
+            raise UsageError(f"--double-quant contradicts --quant {args.quant}", "double quant is for nf4/fp4")
+        constraints = Constraints(
+            quant=None if args.quant == "auto" else args.quant,
+            double_quant=args.double_quant,
+            rank=args.rank,
+            targets=args.targets,
+            optimizer=None if args.optimizer == "auto" else args.optimizer,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            grad_ckpt={"auto": None, "on": True, "off": False}[args.grad_ckpt],
+            attn=args.attn,
+            dtype=args.dtype,
+            effective_batch=args.effective_batch,
+            lora_dropout=args.lora_dropout,
+        )
+        model_name, data = args.model, None
+    arch = resolve_model(model_name)
+    result = plan(arch, device, constraints)
+    if args.write_recipe:
+        if args.data:
+            data = recipes.DataSpec(path=args.data)
+        written = recipes.from_plan(
+            result, arch.name if not args.recipe else model_name, data or recipes.DataSpec(path=recipes.DEFAULT_DATA)
+        )
+        header = (
+            f"qlora-kit recipe for {arch.name} on {device.name}, written by\n"
+            f"  qlora-kit plan --model {model_name} --gpu {args.gpu} --write-recipe {args.write_recipe}\n"
+            f"train it with: qlora-kit train {args.write_recipe}"
+            + ("" if (data and data.path) else "\n(set data.path to your dataset first)")
+        )
+        recipes.write_atomic(args.write_recipe, recipes.dump_recipe(written, header))
+    if args.json:
+        print(json.dumps(plan_json(result), indent=2))
+    else:
+        from qlora_kit import ui
+
+        ui.render_plan(result)
+        if args.write_recipe:
+            ui.console.print(f"recipe written to {args.write_recipe}")
+    return 0 if result.fits else 3
+
+
+def _models(args: argparse.Namespace) -> int:
+    from qlora_kit import ui
+    from qlora_kit.catalog import catalog_names, lookup
+
+    ui.render_models([lookup(n) for n in catalog_names()])
+    return 0
+
+
+def _gpus(args: argparse.Namespace) -> int:
+    from qlora_kit import ui
+    from qlora_kit.devices import gpu_table
+
+    ui.render_gpus(gpu_table())
+    return 0
+
+
+COMMANDS = {"plan": _plan, "models": _models, "gpus": _gpus}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except QloraKitError as exc:
+        from qlora_kit.ui import print_error
+
+        print_error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,52 @@
+"""The training knobs the memory model and the planner work on, and their allowed values.
+
+No torch here: the planner imports this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+QUANTS = ("none", "int8", "nf4", "fp4")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ATTNS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """The knobs the memory of a training step depends on.
+
+    ``targets`` are leaf module names (resolved from "all-linear" or the defaults by the planner);
+    ``upcast`` is what k-bit preparation does to the parameters that stay unquantized: ``"all"`` is
+    peft's ``prepare_model_for_kbit_training`` (every 16-bit parameter to fp32), ``"none"`` keeps them
+    in ``dtype``.
+    """
+
+    quant: str = "nf4"
+    double_quant: bool = True
+    dtype: str = "bf16"
+    rank: int = 16
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    optimizer: str = "adamw"
+    batch_size: int = 1
+    seq_len: int = 512
+    grad_ckpt: bool = False
+    attn: str = "sdpa"
+    lora_dropout: float = 0.05
+    upcast: str = "all"
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def paged(self) -> bool:
+        return self.optimizer.startswith("paged")
+
+    def with_(self, **changes: object) -> TrainSetup:
+        return replace(self, **changes)  # type: ignore[arg-type]

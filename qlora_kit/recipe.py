@@ -1,0 +1,338 @@
+"""Recipes: YAML <-> frozen, typed specs, validated once at the edge.
+
+A recipe has five sections (``model``, ``quant``, ``lora``, ``data``, ``train``); each is a frozen
+dataclass whose fields are the only keys allowed. :func:`load_recipe` reports every problem at once:
+unknown keys (with their line and the closest valid key), wrong types, values outside their choices.
+``--set section.key=value`` overrides are applied before validation, so they are checked the same way.
+
+No torch here: ``qlora-kit plan --recipe`` reads recipes too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from qlora_kit.errors import UsageError
+from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS
+from qlora_kit.planner import ALL_LINEAR, Constraints, Plan
+
+# the dataset a written recipe points at when the user names none: set data.path before training
+DEFAULT_DATA = ""
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = ""  # catalog name, hub id or local directory
+    revision: str = "main"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    mode: str = field(default="nf4", metadata=_choices(*QUANTS))
+    double_quant: bool = True
+    compute_dtype: str = field(default="bf16", metadata=_choices(*DTYPES))
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"  # "all-linear", "default", or module names
+    bias: str = field(default="none", metadata=_choices("none", "all", "lora_only"))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    path: str = ""  # local jsonl/json/csv/parquet/txt file, or a hub dataset id
+    format: str = field(default="text", metadata=_choices("text", "prompt_response", "chat"))
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    max_seq_len: int = 512
+    packing: bool = False
+    too_long: str = field(default="truncate", metadata=_choices("truncate", "drop"))
+    eval_fraction: float = 0.0
+    split: str = "train"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    output_dir: str = "runs/qlora"
+    micro_batch: int = 1
+    grad_accum: int = 16
+    lr: float = 2e-4
+    schedule: str = field(default="cosine", metadata=_choices("cosine", "linear", "constant"))
+    warmup_steps: int = 0
+    max_steps: int = 0  # 0: run `epochs` epochs
+    epochs: float = 1.0
+    optimizer: str = field(default="adamw", metadata=_choices(*OPTIMIZERS))
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_ckpt: bool = False
+    attn: str = field(default="sdpa", metadata=_choices(*ATTNS))
+    seed: int = 42
+    logging_steps: int = 1
+    eval_steps: int = 0
+    save_steps: int = 0
+    save_total_limit: int = 2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "quant": QuantSpec,
+    "lora": LoraSpec,
+    "data": DataSpec,
+    "train": TrainSpec,
+}
+_POSITIVE = {
+    "lora.rank",
+    "lora.alpha",
+    "data.max_seq_len",
+    "train.micro_batch",
+    "train.grad_accum",
+    "train.logging_steps",
+    "train.save_total_limit",
+}
+_NON_NEGATIVE = {
+    "train.warmup_steps",
+    "train.max_steps",
+    "train.eval_steps",
+    "train.save_steps",
+    "train.weight_decay",
+    "train.epochs",
+    "train.lr",
+    "train.max_grad_norm",
+}
+
+
+# -- YAML with line numbers -------------------------------------------------------------------------
+
+
+def _lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line of every mapping key in a composed YAML document."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            out[key] = key_node.start_mark.line + 1
+            out.update(_lines(value_node, key + "."))
+    return out
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, h) for h in get_args(hint))
+    if origin is list:
+        (inner,) = get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in get_args(hint))
+    if get_origin(hint) is list:
+        return f"a list of {_type_name(get_args(hint)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _at(lines: Mapping[str, int], key: str) -> str:
+    line = lines.get(key)
+    return f" (line {line})" if line else ""
+
+
+def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None, source: str = "recipe") -> Recipe:
+    """Validate a recipe dict into a :class:`Recipe`, reporting every problem at once."""
+    lines = lines or {}
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    if not isinstance(data, Mapping):
+        raise UsageError(f"{source} is not a YAML mapping", "start from `qlora-kit plan --write-recipe`")
+    for name, value in data.items():
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(str(name), list(SECTIONS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; sections are {', '.join(SECTIONS)}"
+            problems.append(f"unknown section {name!r}{_at(lines, str(name))}{hint}")
+            continue
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            problems.append(f"{name}{_at(lines, name)} must be a mapping of keys")
+            continue
+        spec_type = SECTIONS[name]
+        hints = get_type_hints(spec_type)
+        known = {f.name: f for f in fields(spec_type)}
+        kwargs: dict[str, Any] = {}
+        for key, v in value.items():
+            dotted = f"{name}.{key}"
+            if key not in known:
+                close = difflib.get_close_matches(str(key), list(known), n=1)
+                hint = f"; did you mean {name}.{close[0]}?" if close else f"; valid keys: {', '.join(known)}"
+                problems.append(f"unknown key {dotted!r}{_at(lines, dotted)}{hint}")
+                continue
+            if not _type_ok(v, hints[key]):
+                problems.append(f"{dotted}{_at(lines, dotted)} must be {_type_name(hints[key])}, got {v!r}")
+                continue
+            choices = known[key].metadata.get("choices")
+            if choices and v not in choices:
+                problems.append(f"{dotted}{_at(lines, dotted)} must be one of {', '.join(choices)}, got {v!r}")
+                continue
+            if (dotted in _POSITIVE and v <= 0) or (dotted in _NON_NEGATIVE and v < 0):
+                kind = "positive" if dotted in _POSITIVE else "zero or more"
+                problems.append(f"{dotted}{_at(lines, dotted)} must be {kind}, got {v!r}")
+                continue
+            kwargs[key] = float(v) if hints[key] is float else v
+        sections[name] = spec_type(**kwargs)
+    recipe = Recipe(**sections)
+    if not recipe.model.name:
+        problems.append("model.name is required (a catalog name, hub id or local directory)")
+    if not 0 <= recipe.lora.dropout < 1:
+        problems.append(f"lora.dropout{_at(lines, 'lora.dropout')} must be in [0, 1), got {recipe.lora.dropout}")
+    if not 0 <= recipe.data.eval_fraction < 1:
+        problems.append(f"data.eval_fraction{_at(lines, 'data.eval_fraction')} must be in [0, 1)")
+    if recipe.quant.double_quant and recipe.quant.mode in ("none", "int8") and "quant.double_quant" in lines:
+        problems.append(f"quant.double_quant{_at(lines, 'quant.double_quant')} applies to nf4/fp4 only")
+    if problems:
+        plural = "s" if len(problems) > 1 else ""
+        raise UsageError(
+            f"{source}: {len(problems)} problem{plural}: " + "; ".join(problems),
+            "fix the recipe (or the --set override) and run again",
+        )
+    return recipe
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a recipe dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise UsageError(f"--set {item!r} is not section.key=value", "e.g. --set train.max_steps=50")
+        section = data.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise UsageError(f"--set {item!r}: {parts[0]} is not a mapping", "fix the recipe")
+        section[parts[1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read recipe {path}: {exc.strerror or exc}", "check the path") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}", "fix the syntax") from None
+    data = data if data is not None else {}
+    lines = _lines(node) if node is not None else {}
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides)
+    return build_recipe(data, lines, str(path))
+
+
+def dump_recipe(recipe: Recipe, header: str = "") -> str:
+    body = yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
+    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comment + body
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a file via a temporary file in the same directory, renamed into place when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- recipes and plans ------------------------------------------------------------------------------
+
+
+def _targets_spec(targets: str | list[str]) -> str:
+    return ",".join(targets) if isinstance(targets, list) else targets
+
+
+def to_constraints(recipe: Recipe) -> Constraints:
+    """Every knob a recipe fixes, as planner constraints (``qlora-kit plan --recipe``)."""
+    q, lora, t = recipe.quant, recipe.lora, recipe.train
+    return Constraints(
+        quant=q.mode,
+        double_quant=q.double_quant and q.mode in ("nf4", "fp4"),
+        rank=lora.rank,
+        targets=_targets_spec(lora.targets),
+        optimizer=t.optimizer,
+        batch_size=t.micro_batch,
+        seq_len=recipe.data.max_seq_len,
+        grad_ckpt=t.grad_ckpt,
+        attn=t.attn,
+        dtype=q.compute_dtype,
+        effective_batch=t.micro_batch * t.grad_accum,
+        lora_dropout=lora.dropout,
+    )
+
+
+def from_plan(plan: Plan, model_name: str, data: DataSpec | None = None, output_dir: str = "") -> Recipe:
+    """The recipe ``train`` runs for a plan's chosen setting."""
+    s, best = plan.best.setup, plan.best
+    targets: str | list[str] = ALL_LINEAR if best.targets_label == ALL_LINEAR else list(s.targets)
+    data = data or DataSpec()
+    slug = model_name.rstrip("/").rsplit("/", 1)[-1].lower()
+    return Recipe(
+        model=ModelSpec(name=model_name),
+        quant=QuantSpec(mode=s.quant, double_quant=s.double_quant, compute_dtype=s.dtype),
+        lora=LoraSpec(rank=s.rank, alpha=2 * s.rank, dropout=s.lora_dropout, targets=targets),
+        data=dataclasses.replace(data, max_seq_len=s.seq_len),
+        train=TrainSpec(
+            output_dir=output_dir or f"runs/{slug}",
+            micro_batch=s.batch_size,
+            grad_accum=best.grad_accum,
+            optimizer=s.optimizer,
+            grad_ckpt=s.grad_ckpt,
+            attn=s.attn,
+        ),
+    )

@@ -1,0 +1,106 @@
+"""Rendering with rich: tables, panels and error lines. One Console each for stdout and stderr; no logic."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from qlora_kit.catalog import ArchSpec
+from qlora_kit.devices import GIB, DeviceSpec
+from qlora_kit.planner import Plan
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+TERM_LABELS = {
+    "linear_weights": "base linear weights",
+    "quant_state": "quantization constants",
+    "other_params": "embeddings, head, norms, biases",
+    "lora_params": "LoRA parameters (fp32)",
+    "lora_grads": "LoRA gradients (fp32)",
+    "optimizer_state": "optimizer state",
+    "activations": "activations kept for backward",
+    "logits_loss": "logits and loss",
+    "transient": "dequantized weight (transient)",
+    "cublas_workspace": "cuBLAS workspace",
+    "allocator_slack": "allocator slack (reserved - allocated)",
+    "cuda_context": "CUDA context",
+}
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:,.2f} GiB"
+
+
+def print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+
+
+def render_plan(p: Plan) -> None:
+    est = p.best.estimate
+    verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
+    console.print(
+        f"[bold]{p.arch.name}[/] on [bold]{p.device.name}[/] ({gib(p.device.memory_bytes)}; "
+        f"{gib(p.limit_bytes)} usable after 5% headroom): {verdict}"
+    )
+    table = Table(title="memory at the peak of one optimizer step", title_justify="left")
+    table.add_column("term")
+    table.add_column("GiB", justify="right")
+    for key, value in est.breakdown.items():
+        if value:
+            table.add_row(TERM_LABELS.get(key, key), f"{value / GIB:,.2f}")
+    table.add_section()
+    table.add_row("peak allocated (max_memory_allocated)", f"{est.peak_allocated_bytes / GIB:,.2f}")
+    table.add_row("peak reserved (max_memory_reserved)", f"{est.peak_reserved_bytes / GIB:,.2f}")
+    table.add_row("[bold]on the device (nvidia-smi)[/]", f"[bold]{est.device_bytes / GIB:,.2f}[/]")
+    if est.paged_bytes:
+        table.add_row("paged optimizer state (may spill to host)", f"{est.paged_bytes / GIB:,.2f}")
+    console.print(table)
+    title = "chosen settings" if p.fits else "smallest setting"
+    choice = ", ".join(f"{k}={v}" for k, v in p.best.choice().items())
+    console.print(f"[bold]{title}:[/] {choice}")
+    for reason in p.reasons:
+        console.print(f"  - {reason}")
+    for line in p.advice:
+        console.print(f"  - {line}")
+    if p.runners_up:
+        alt = Table(title="runners-up", title_justify="left")
+        for col in ("quant", "grad_ckpt", "targets", "batch x accum", "optimizer", "device GiB"):
+            alt.add_column(col)
+        for x in p.runners_up:
+            alt.add_row(
+                x.setup.quant + ("+dq" if x.setup.double_quant else ""),
+                str(x.setup.grad_ckpt),
+                x.targets_label,
+                f"{x.setup.batch_size} x {x.grad_accum}",
+                x.setup.optimizer,
+                f"{x.estimate.device_bytes / GIB:,.2f}",
+            )
+        console.print(alt)
+
+
+def render_models(archs: list[ArchSpec]) -> None:
+    table = Table(title=f"{len(archs)} models in the catalog", title_justify="left")
+    for col in ("name", "type", "params", "layers", "hidden", "heads/kv", "vocab", "context"):
+        table.add_column(col, justify="left" if col in ("name", "type") else "right")
+    for a in archs:
+        table.add_row(
+            a.name,
+            a.model_type,
+            f"{a.num_params / 1e9:.2f}B",
+            str(a.num_layers),
+            str(a.hidden_size),
+            f"{a.num_heads}/{a.num_kv_heads}",
+            f"{a.vocab_size:,}",
+            str(a.max_positions or "-"),
+        )
+    console.print(table)
+
+
+def render_gpus(devices: tuple[DeviceSpec, ...]) -> None:
+    table = Table(title=f"{len(devices)} GPUs (memory in GiB; any size also works: --gpu 24GB)", title_justify="left")
+    for col in ("name", "GiB", "bf16", "family"):
+        table.add_column(col)
+    for d in devices:
+        table.add_row(d.name, f"{d.memory_gib:g}", "yes" if d.bf16 else "no (fp16)", d.family)
+    console.print(table)
