@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
@@ -9,8 +11,9 @@ from qlora_kit.catalog import ArchSpec
 from qlora_kit.devices import GIB, DeviceSpec
 from qlora_kit.planner import Plan
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Piped output (a file, a CI log) is not squeezed into 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 TERM_LABELS = {
     "linear_weights": "base linear weights",
@@ -82,7 +85,7 @@ def render_plan(p: Plan) -> None:
 def render_models(archs: list[ArchSpec]) -> None:
     table = Table(title=f"{len(archs)} models in the catalog", title_justify="left")
     for col in ("name", "type", "params", "layers", "hidden", "heads/kv", "vocab", "context"):
-        table.add_column(col, justify="left" if col in ("name", "type") else "right")
+        table.add_column(col, justify="left" if col in ("name", "type") else "right", no_wrap=col == "name")
     for a in archs:
         table.add_row(
             a.name,
