@@ -18,8 +18,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -520,6 +518,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 def _fetch_hub_config(repo_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
     """Fetch only ``config.json`` of a hub repo (honours HF_ENDPOINT and HF_HUB_OFFLINE)."""
+    import urllib.error  # only on this path: it costs a third of the planner's start-up
+    import urllib.request
+
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise UsageError(
             f"{repo_id!r} is not in the catalog and HF_HUB_OFFLINE is set",

@@ -1,0 +1,88 @@
+"""The planner next to published GPU memory measurements (``data/published_peaks.csv``).
+
+Each row is a real training run someone measured and published (sources in the CSV's ``source``
+column: litgpt's resource tables and config hub, peft's method-comparison benchmark, the QLoRA
+paper). :func:`compare` predicts each row in the row's own quantity and unit with the knobs the row's
+implementation used, so the error is the planner's, not a unit mix-up. Pure: no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from qlora_kit.catalog import lookup
+from qlora_kit.knobs import TrainSetup
+from qlora_kit.memory import Estimate, estimate
+
+UNITS = {"GB": 1e9, "GiB": float(1 << 30), "MB": 1e6, "MiB": float(1 << 20)}
+WEIGHTS = {"nf4": ("nf4", False), "nf4-dq": ("nf4", True), "bf16": ("none", False), "fp16": ("none", False)}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    row_id: str
+    model: str
+    setting: str
+    quantity: str
+    unit: str
+    measured: float
+    predicted: float
+
+    @property
+    def error(self) -> float:
+        """Signed relative error of the prediction."""
+        return (self.predicted - self.measured) / self.measured
+
+
+@cache
+def published_rows() -> list[dict[str, str]]:
+    text = resources.files("qlora_kit").joinpath("data/published_peaks.csv").read_text()
+    return list(csv.DictReader(text.splitlines()))
+
+
+def row_setup(row: dict[str, str]) -> TrainSetup:
+    """The knobs of a published run, as its implementation set them.
+
+    litgpt and peft's benchmark load the base in bf16 and do not upcast the unquantized parameters to
+    fp32 the way peft's ``prepare_model_for_kbit_training`` does, hence ``upcast="none"``.
+    """
+    quant, dq = WEIGHTS[row["weights"]]
+    targets = tuple(t for t in row["lora_targets"].split(",") if t) or ("q_proj", "v_proj")
+    return TrainSetup(
+        quant=quant, double_quant=dq, dtype="bf16", rank=int(row["lora_rank"] or 8), targets=targets,
+        optimizer=row["optimizer"] or "adamw", batch_size=int(row["micro_batch"] or 1),
+        seq_len=int(row["seq_len"] or 1), grad_ckpt=row["grad_ckpt"] == "on", attn="sdpa",
+        lora_dropout=0.05, upcast="none",
+    )
+
+
+def _quantity(est: Estimate, quantity: str) -> int:
+    if quantity == "max_memory_allocated":
+        return est.peak_allocated_bytes
+    if quantity == "max_memory_reserved":
+        return est.peak_reserved_bytes
+    if quantity == "weights only":
+        b = est.breakdown
+        return b["linear_weights"] + b["quant_state"] + b["other_params"]
+    raise ValueError(f"unknown quantity {quantity!r}")
+
+
+def compare() -> list[Comparison]:
+    out = []
+    for row in published_rows():
+        setup = row_setup(row)
+        est = estimate(lookup(row["model"]), setup)
+        predicted = _quantity(est, row["quantity"]) / UNITS[row["unit"]]
+        setting = (f"{row['weights']}, r={row['lora_rank'] or '-'}, b={row['micro_batch'] or '-'}, "
+                   f"seq={row['seq_len'] or '-'}, {row['gpu'] or ''}").rstrip(", ")
+        out.append(Comparison(row["id"], row["model"], setting, row["quantity"], row["unit"],
+                              float(row["measured"]), predicted))
+    return out
+
+
+def median_abs_error(rows: list[Comparison]) -> float:
+    return statistics.median(abs(r.error) for r in rows)

@@ -1,0 +1,61 @@
+"""Shared test fixtures.
+
+Nothing here imports torch at collection time: the planner tests must stay fast. The tiny-model
+fixture imports torch/transformers lazily, on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# On CPU, bitsandbytes' dequantize of odd shapes falls back to torch.compile (7-13 s on the first
+# call): keep torch.compile off in tests. Must be set before torch is imported.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+# LLM.int8 on CPU logs "MatMul8bitLt: inputs will be cast..." on every call.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def build_tiny_model(config: Mapping[str, Any], path: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """Build a random-init causal LM from a Hugging Face config dict and ``save_pretrained`` it to ``path``.
+
+    ``config`` is a plain config dict with a ``model_type`` (what ``config.json`` holds); ``dtype`` is the
+    torch dtype name the weights are saved in. Returns ``path``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**dict(config))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    return path
+
+
+TinyModelFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
+    """A function ``(config_dict, dtype="bfloat16", seed=0) -> Path`` of a saved tiny random-init model.
+
+    Each distinct (config, dtype, seed) is built and saved once per test session; load it back with
+    ``AutoModelForCausalLM.from_pretrained(path, ...)``. Treat the directory as read-only.
+    """
+    cache: dict[str, Path] = {}
+
+    def get(config: Mapping[str, Any], dtype: str = "bfloat16", seed: int = 0) -> Path:
+        key = json.dumps([dict(config), dtype, seed], sort_keys=True)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{config['model_type']}-{dtype}")
+            cache[key] = build_tiny_model(config, path, dtype, seed)
+        return cache[key]
+
+    return get
