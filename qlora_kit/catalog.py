@@ -187,10 +187,17 @@ def _require(cfg: Config, name: str, *keys: str) -> int:
     return int(value)
 
 
+# transformers 5 config-class defaults that differ from "MHA, head_dim = hidden / heads"
+_KV_HEADS_DEFAULT = {"mistral": 8, "ministral": 8, "mixtral": 8, "gemma": 16, "gemma2": 4}
+_HEAD_DIM_DEFAULT = {"gemma": 256, "gemma2": 256, "qwen3": 128}
+
+
 def _common(name: str, cfg: Config, *, tie_default: bool) -> dict[str, Any]:
     hidden = _require(cfg, name, "hidden_size", "n_embd", "n_embed", "d_model")
     heads = _require(cfg, name, "num_attention_heads", "n_head", "num_heads")
-    kv_heads = int(_get(cfg, "num_key_value_heads", "num_kv_heads", default=heads))
+    mt = str(cfg["model_type"])
+    kv_default = _KV_HEADS_DEFAULT.get(mt, heads)
+    kv_heads = int(_get(cfg, "num_key_value_heads", "num_kv_heads", default=kv_default))
     return {
         "name": name,
         "model_type": str(cfg["model_type"]),
@@ -198,7 +205,7 @@ def _common(name: str, cfg: Config, *, tie_default: bool) -> dict[str, Any]:
         "num_layers": _require(cfg, name, "num_hidden_layers", "n_layer", "num_layers"),
         "num_heads": heads,
         "num_kv_heads": kv_heads,
-        "head_dim": int(_get(cfg, "head_dim", default=hidden // heads)),
+        "head_dim": int(_get(cfg, "head_dim", default=_HEAD_DIM_DEFAULT.get(mt, hidden // heads))),
         "vocab_size": _require(cfg, name, "vocab_size"),
         "tie_embeddings": bool(_get(cfg, "tie_word_embeddings", default=tie_default)),
         "dtype": str(_get(cfg, "torch_dtype", "dtype", default="float32")),
@@ -292,7 +299,7 @@ def _phi3(name: str, cfg: Config) -> ArchSpec:
     )
 
 
-@_reader("phi", targets=("q_proj", "v_proj"))
+@_reader("phi", targets=("q_proj", "v_proj", "fc1", "fc2"))
 def _phi(name: str, cfg: Config) -> ArchSpec:
     """Phi-1/1.5/2: parallel attention and MLP behind one shared LayerNorm, biased linears and head."""
     c = _common(name, cfg, tie_default=False)

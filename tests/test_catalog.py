@@ -40,38 +40,49 @@ GROUPS = ("linear_weight", "expert_weight", "linear_bias", "embedding", "lm_head
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 # The smallest configs a user could write per model_type: only the keys the readers require, in the
-# model type's own spelling; everything else is left to the defaults. Widths are chosen so that a
-# default that differs between the reader and transformers changes a count (16 heads, head_dim 16).
+# model type's own spelling; everything else is left to the defaults. 32 heads of width 32: a
+# num_key_value_heads or head_dim default that differs between the reader and transformers changes a
+# count. The vocabulary is large enough for every default pad_token_id (Phi-3's is 32000).
+_LLAMA_STYLE_KEYS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "stablelm", "phi", "phi3")
 MINIMAL_CONFIGS: dict[str, dict[str, Any]] = {
     **{
         mt: {
             "model_type": mt,
-            "hidden_size": 256,
-            "num_attention_heads": 16,
+            "hidden_size": 1024,
+            "num_attention_heads": 32,
             "num_hidden_layers": 2,
-            "vocab_size": 512,
+            "vocab_size": 32064,
             "intermediate_size": 384,
         }
-        for mt in ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")
-        + ("stablelm", "phi", "phi3", "gpt_neox")
+        for mt in (*_LLAMA_STYLE_KEYS, "gpt_neox")
+    },
+    # transformers' MinistralConfig defaults head_dim to None and then cannot build a model.
+    "ministral": {
+        "model_type": "ministral",
+        "hidden_size": 1024,
+        "num_attention_heads": 32,
+        "head_dim": 32,
+        "num_hidden_layers": 2,
+        "vocab_size": 32064,
+        "intermediate_size": 384,
     },
     "opt": {
         "model_type": "opt",
-        "hidden_size": 256,
-        "num_attention_heads": 16,
+        "hidden_size": 1024,
+        "num_attention_heads": 32,
         "num_hidden_layers": 2,
-        "vocab_size": 512,
+        "vocab_size": 32064,
         "ffn_dim": 384,
     },
-    "bloom": {"model_type": "bloom", "hidden_size": 256, "n_head": 16, "n_layer": 2, "vocab_size": 512},
+    "bloom": {"model_type": "bloom", "hidden_size": 1024, "n_head": 32, "n_layer": 2, "vocab_size": 32064},
     "falcon": {
         "model_type": "falcon",
-        "hidden_size": 256,
-        "num_attention_heads": 16,
+        "hidden_size": 1024,
+        "num_attention_heads": 32,
         "num_hidden_layers": 2,
-        "vocab_size": 512,
+        "vocab_size": 32064,
     },
-    "gpt2": {"model_type": "gpt2", "n_embd": 256, "n_head": 16, "n_layer": 2, "vocab_size": 512},
+    "gpt2": {"model_type": "gpt2", "n_embd": 1024, "n_head": 32, "n_layer": 2, "vocab_size": 32064},
 }
 
 
@@ -154,16 +165,7 @@ def model_type_example(model_type: str) -> dict[str, Any]:
 
 
 def check_against_transformers(spec: ArchSpec, model: PreTrainedModel) -> None:
-    real = classify(model)
-    expected = spec.param_groups()
-    assert set(expected) == set(GROUPS)
-    mismatched = {g: (expected[g], real[g]) for g in GROUPS if expected[g] != real[g]}
-    assert not mismatched, f"{spec.name}: group -> (catalog, transformers): {mismatched}"
-    total = sum(p.numel() for p in model.parameters())
-    assert spec.num_params == total
-    assert sum(expected.values()) == total
-
-    # Layer 0, linear by linear: shape and bias, and the MoE expert tensors.
+    # Layer 0, linear by linear (shape and bias), and the MoE expert tensors: the precise failure.
     layer = decoder_layers(model, spec.num_layers)[0]
     real_linears = layer_linears(layer)
     for ls in spec.layer_linears:
@@ -174,7 +176,19 @@ def check_against_transformers(spec: ArchSpec, model: PreTrainedModel) -> None:
             assert tensors[0].numel() == ls.weight_numel
         else:
             mod = real_linears[match_name(ls.name, list(real_linears))]
-            assert linear_shape(mod) == (ls.d_in, ls.d_out, ls.bias), f"{spec.name}: {ls.name}"
+            real_shape = linear_shape(mod)
+            catalog_shape = (ls.d_in, ls.d_out, ls.bias)
+            assert real_shape == catalog_shape, f"{spec.name}: {ls.name} (d_in, d_out, bias) transformers vs catalog"
+
+    # The whole model, group by group.
+    real = classify(model)
+    expected = spec.param_groups()
+    assert set(expected) == set(GROUPS)
+    mismatched = {g: (expected[g], real[g]) for g in GROUPS if expected[g] != real[g]}
+    assert not mismatched, f"{spec.name}: group -> (catalog, transformers): {mismatched}"
+    total = sum(p.numel() for p in model.parameters())
+    assert spec.num_params == total
+    assert sum(expected.values()) == total
 
 
 # -- every catalog entry against transformers ----------------------------------------------------
