@@ -83,6 +83,9 @@ class ArchSpec:
     num_experts: int = 0
     experts_per_token: int = 0
     parallel_block: bool = False
+    # transformers 5.23's bitsandbytes integration replaces nn.Linear/Conv1D with bnb layers; Falcon's
+    # FalconLinear slips through, so a "4-bit" Falcon keeps 16-bit linears (docs/stack-notes.md)
+    bnb_quantizable: bool = True
     dtype: str = "bfloat16"
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -428,6 +431,7 @@ def _falcon(name: str, cfg: Config) -> ArchSpec:
         layer_norm_sizes=norms,
         mlp_kind="plain",
         parallel_block=parallel,
+        bnb_quantizable=False,
     )
 
 

@@ -35,6 +35,14 @@ class TrainSetup:
     attn: str = "sdpa"
     lora_dropout: float = 0.05
     upcast: str = "all"
+    padded: bool = False  # batches padded to a common length (an attention mask) rather than packed
+    # Behaviours of other training stacks, for comparing with their published measurements:
+    # steps' worth of 4-bit layer inputs alive at the peak (bitsandbytes 0.41-0.42's MatMul4Bit kept its
+    # input for backward: 1; litgpt's 2024 loop also kept the previous step's until the next forward: 2;
+    # qlora-kit's stack, bitsandbytes 0.50: 0), and bytes per logit the loop holds through backward
+    # (Lightning Fabric converts outputs to fp32: 4; qlora-kit drops them before backward: 0).
+    kbit_kept_inputs: int = 0
+    held_logits_bytes: int = 0
 
     @property
     def tokens(self) -> int:

@@ -66,8 +66,11 @@ class Estimate:
 def _quantized(arch: ArchSpec) -> tuple[LinearSpec, ...]:
     """The linear layers bitsandbytes quantizes: every nn.Linear/Conv1D but the output head.
 
-    MoE experts stored as 3-D parameters (transformers 5 Mixtral) are not nn.Linear and stay 16-bit.
+    MoE experts stored as 3-D parameters (transformers 5 Mixtral) are not nn.Linear and stay 16-bit;
+    so do all of an architecture whose linears the integration misses (``ArchSpec.bnb_quantizable``).
     """
+    if not arch.bnb_quantizable:
+        return ()
     layer = tuple(s for s in arch.layer_linears if not s.experts)
     return layer * arch.num_layers + arch.extra_linears
 
@@ -109,14 +112,14 @@ def quant_state_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
 
 
 def other_param_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
-    """Parameters that stay unquantized: embeddings, head, norms, biases, router, MoE experts.
+    """Parameters that stay unquantized: embeddings, head, norms, biases, router, MoE experts (and the
+    linears of an architecture bitsandbytes misses).
 
     They load in ``dtype``; with a quantized base, peft's ``prepare_model_for_kbit_training`` casts
     every fp16/bf16 parameter that is not ``Params4bit`` to fp32 (peft/utils/other.py), unless the
     setup keeps them (``upcast="none"``).
     """
-    groups = arch.param_groups()
-    numel = sum(v for k, v in groups.items() if k != "linear_weight")
+    numel = arch.num_params - sum(s.weight_numel for s in _quantized(arch))
     upcast = setup.quant != "none" and setup.upcast == "all"
     return numel * (4 if upcast else setup.dtype_bytes)
 

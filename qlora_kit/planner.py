@@ -204,9 +204,11 @@ def plan(arch: ArchSpec, device: DeviceSpec, c: Constraints) -> Plan:
     if fitting:
         best = fitting[0]
         runners = _runners_up(best, fitting[1:])
-        return Plan(arch, device, best, True, runners, _reasons(best, cands, device, c), [])
+        return Plan(arch, device, best, True, runners, _reasons(arch, best, cands, device, c), [])
     smallest = min(cands, key=lambda x: x.estimate.device_bytes)
-    return Plan(arch, device, smallest, False, [], [], _advice(arch, c, device, smallest))
+    return Plan(
+        arch, device, smallest, False, [], [], _notes(arch, smallest.setup) + _advice(arch, c, device, smallest)
+    )
 
 
 def _runners_up(best: Candidate, rest: list[Candidate], n: int = 3) -> list[Candidate]:
@@ -223,9 +225,20 @@ def _runners_up(best: Candidate, rest: list[Candidate], n: int = 3) -> list[Cand
     return picked
 
 
-def _reasons(best: Candidate, cands: list[Candidate], device: DeviceSpec, c: Constraints) -> list[str]:
+def _notes(arch: ArchSpec, s: TrainSetup) -> list[str]:
+    """Surprises of the stack that change what a setting means."""
+    if s.quant != "none" and not arch.bnb_quantizable:
+        return [
+            "note: transformers' bitsandbytes integration does not quantize this architecture's linear "
+            "layers; they stay 16-bit (fp32 after k-bit preparation)"
+        ]
+    return []
+
+
+def _reasons(arch: ArchSpec, best: Candidate, cands: list[Candidate], device: DeviceSpec, c: Constraints) -> list[str]:
     s, limit = best.setup, fit_limit(device)
     reasons: list[str] = []
+    reasons += _notes(arch, s)
     if s.quant == "none":
         reasons.append(
             f"16-bit base: the unquantized model fits ({_gib(best.estimate.device_bytes)} of "

@@ -1,0 +1,219 @@
+"""One decoder block per family: which tensors it keeps for backward (see ``qlora_kit.saved``).
+
+``rg_in`` says whether the block's input requires grad: false for the first block when the embedding
+output does not (no gradient checkpointing and no ``enable_input_require_grads``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from qlora_kit.saved import Acc, Ctx
+
+
+# ====================================================================================================
+def layer_llama(c: Ctx, rg_in: bool, gemma: bool = False) -> Acc:
+    """LlamaDecoderLayer (also Mistral, Qwen2; Gemma2 with gemma=True)."""
+    d = c.d
+    bs = d.b * d.s
+    acc = Acc()
+    t = c.targets
+    c.rmsnorm(acc, "input_norm", rg_in, gemma)
+    for m, dout in (("q_proj", d.q_dim), ("k_proj", d.kv_dim), ("v_proj", d.kv_dim)):
+        c.lora(acc, m, d.h, dout, c.e_h, rg_in, "norm1_out")
+    q_rg = rg_in or "q_proj" in t
+    k_rg = rg_in or "k_proj" in t
+    v_rg = rg_in or "v_proj" in t
+    c.attn_core(acc, q_rg, k_rg, v_rg, k_heads=d.nkv, eager_softmax="fp32", pre_softmax_tanh=gemma)
+    attn_rg = q_rg or k_rg or v_rg
+    c.lora(acc, "o_proj", d.q_dim, d.h, c.e_a, attn_rg, "o_in")
+    o_rg = attn_rg or "o_proj" in t
+    if gemma:
+        c.rmsnorm(acc, "post_attention_norm", o_rg, True)
+    res_rg = rg_in or o_rg
+    c.rmsnorm(acc, "pre_mlp_norm", res_rg, gemma)
+    for m in ("gate_proj", "up_proj"):
+        c.lora(acc, m, d.h, d.inter, c.e_h, res_rg, "norm2_out")
+    g_rg = res_rg or "gate_proj" in t
+    u_rg = res_rg or "up_proj" in t
+    acc.add("mlp.gate_out(act input)", bs * d.inter * c.e_m, g_rg)
+    acc.add("mlp.act_out", bs * d.inter * c.e_m, u_rg)
+    acc.add("mlp.up_out", bs * d.inter * c.e_m, g_rg)
+    prod_rg = g_rg or u_rg
+    c.lora(acc, "down_proj", d.inter, d.h, c.e_m, prod_rg, "down_in")
+    if gemma:
+        c.rmsnorm(acc, "post_mlp_norm", prod_rg or "down_proj" in t, True)
+    return acc
+
+
+def layer_opt(c: Ctx, rg_in: bool) -> Acc:
+    d = c.d
+    bs = d.b * d.s
+    acc = Acc()
+    t = c.targets
+    c.layernorm(acc, "self_attn_layer_norm", rg_in)
+    for m in ("q_proj", "k_proj", "v_proj"):
+        c.lora(acc, m, d.h, d.h, c.e_h, rg_in, "ln1_out")
+    q_rg, k_rg, v_rg = (rg_in or m in t for m in ("q_proj", "k_proj", "v_proj"))
+    c.attn_core(acc, q_rg, k_rg, v_rg, k_heads=d.nh, eager_softmax="fp32")
+    attn_rg = q_rg or k_rg or v_rg
+    c.lora(acc, "out_proj", d.h, d.h, c.e_a, attn_rg, "o_in")
+    o_rg = attn_rg or "out_proj" in t
+    acc.add("resid_dropout1.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
+    res_rg = rg_in or o_rg
+    c.layernorm(acc, "final_layer_norm", res_rg)
+    c.lora(acc, "fc1", d.h, d.inter, c.e_h, res_rg, "ln2_out")
+    f_rg = res_rg or "fc1" in t
+    acc.add("mlp.relu_out", bs * d.inter * c.e_m, f_rg)
+    if f_rg:
+        acc._keys.add("fc2_in")  # relu saves its output, which is also fc2's (LoRA) input
+    c.lora(acc, "fc2", d.inter, d.h, c.e_m, f_rg, "fc2_in")
+    f2_rg = f_rg or "fc2" in t
+    acc.add("resid_dropout2.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and f2_rg)
+    return acc
+
+
+def layer_gpt_neox(c: Ctx, rg_in: bool) -> Acc:
+    """use_parallel_residual=True (pythia default): x + attn(ln1(x)) + mlp(ln2(x))."""
+    d = c.d
+    bs = d.b * d.s
+    acc = Acc()
+    t = c.targets
+    c.layernorm(acc, "input_layernorm", rg_in)
+    c.lora(acc, "query_key_value", d.h, 3 * d.h, c.e_h, rg_in, "ln1_out")
+    qkv_rg = rg_in or "query_key_value" in t
+    # q,k: rope output (new tensors); v: view into the fused qkv projection output (3*h wide)
+    c.attn_core(acc, qkv_rg, qkv_rg, qkv_rg, k_heads=d.nh, v_storage=3 * d.h, eager_softmax="fp32", out_is_o_in=False)
+    c.lora(acc, "dense", d.h, d.h, c.e_a, qkv_rg, "o_in")
+    o_rg = qkv_rg or "dense" in t
+    acc.add("attn_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
+    c.layernorm(acc, "post_attention_layernorm", rg_in, input_shared=True)
+    c.lora(acc, "dense_h_to_4h", d.h, d.inter, c.e_h, rg_in, "ln2_out")
+    f_rg = rg_in or "dense_h_to_4h" in t
+    acc.add("mlp.gelu_input", bs * d.inter * c.e_m, f_rg)
+    c.lora(acc, "dense_4h_to_h", d.inter, d.h, c.e_m, f_rg, "f2_in")
+    f2_rg = f_rg or "dense_4h_to_h" in t
+    acc.add("mlp_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and f2_rg)
+    return acc
+
+
+def layer_phi(c: Ctx, rg_in: bool) -> Acc:
+    """PhiDecoderLayer: x + resid_dropout(attn(ln(x))) + resid_dropout(mlp(ln(x)))"""
+    d = c.d
+    bs = d.b * d.s
+    acc = Acc()
+    t = c.targets
+    c.layernorm(acc, "input_layernorm", rg_in)
+    for m, dout in (("q_proj", d.q_dim), ("k_proj", d.kv_dim), ("v_proj", d.kv_dim)):
+        c.lora(acc, m, d.h, dout, c.e_h, rg_in, "ln_out")
+    q_rg, k_rg, v_rg = (rg_in or m in t for m in ("q_proj", "k_proj", "v_proj"))
+    c.attn_core(acc, q_rg, k_rg, v_rg, k_heads=d.nkv, eager_softmax="fp32", out_is_o_in=False)
+    attn_rg = q_rg or k_rg or v_rg
+    c.lora(acc, "dense", d.q_dim, d.h, c.e_a, attn_rg, "o_in")
+    o_rg = attn_rg or "dense" in t
+    acc.add("resid_dropout_attn.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
+    c.lora(acc, "fc1", d.h, d.inter, c.e_h, rg_in, "ln_out")
+    f_rg = rg_in or "fc1" in t
+    # NewGELUActivation (python): saves x, tanh(..), 0.5*x, 1+tanh(..)
+    acc.add("mlp.activation", c.o.act_saved * bs * d.inter * c.e_m, f_rg)
+    c.lora(acc, "fc2", d.inter, d.h, c.e_m, f_rg, "f2_in")
+    f2_rg = f_rg or "fc2" in t
+    acc.add("resid_dropout_mlp.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and f2_rg)
+    return acc
+
+
+def layer_falcon(c: Ctx, rg_in: bool, new_arch: bool = False) -> Acc:
+    """Falcon parallel_attn.  Old arch (falcon-7b): multi_query (1 kv head), one LN.  New arch (40b/180b):
+    ln_attn + ln_mlp, kv heads broadcast to nh before the kernel.  Falcon always builds a 4D mask."""
+    d = c.d
+    bs = d.b * d.s
+    acc = Acc()
+    t = c.targets
+    if new_arch:
+        c.layernorm(acc, "ln_attn", rg_in)
+        c.layernorm(acc, "ln_mlp", rg_in, input_shared=True)
+    else:
+        c.layernorm(acc, "input_layernorm", rg_in)
+    qkv_out = d.q_dim + 2 * (d.kv_dim if new_arch else d.hd)
+    c.lora(acc, "query_key_value", d.h, qkv_out, c.e_h, rg_in, "ln_out")
+    qkv_rg = rg_in or "query_key_value" in t
+    acc.add("attn.index_tensors(int64)", 16, qkv_rg)
+    if new_arch:
+        c.attn_core(acc, qkv_rg, qkv_rg, qkv_rg, k_heads=d.nh, mask_to_sdpa=True, eager_softmax="hidden")
+    else:
+        c.attn_core(
+            acc, qkv_rg, qkv_rg, qkv_rg, k_heads=1, gqa_capable=False, mask_to_sdpa=True, eager_softmax="hidden"
+        )
+    c.lora(acc, "dense", d.q_dim, d.h, c.e_a, qkv_rg, "o_in")
+    c.lora(acc, "dense_h_to_4h", d.h, d.inter, c.e_h, rg_in, "ln_out" if not new_arch else "ln_mlp_out")
+    f_rg = rg_in or "dense_h_to_4h" in t
+    acc.add("mlp.gelu_input", bs * d.inter * c.e_m, f_rg)
+    c.lora(acc, "dense_4h_to_h", d.inter, d.h, c.e_m, f_rg, "f2_in")
+    out_rg = f_rg or "dense_4h_to_h" in t or qkv_rg or "dense" in t
+    # output = dropout_add(mlp_out + attn_out, residual, hidden_dropout)
+    acc.add("hidden_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and out_rg)
+    return acc
+
+
+def layer_bloom(c: Ctx, rg_in: bool) -> Acc:
+    d = c.d
+    bs = d.b * d.s
+    acc = Acc()
+    t = c.targets
+    c.layernorm(acc, "input_layernorm", rg_in)
+    c.lora(acc, "query_key_value", d.h, 3 * d.h, c.e_h, rg_in, "ln1_out")
+    qkv_rg = rg_in or "query_key_value" in t
+    c.attn_core(acc, qkv_rg, qkv_rg, qkv_rg, k_heads=d.nh, eager_softmax="fp32")  # eager only (alibi baddbmm)
+    c.lora(acc, "dense", d.h, d.h, c.e_a, qkv_rg, "o_in")
+    o_rg = qkv_rg or "dense" in t
+    acc.add("hidden_dropout1.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
+    res_rg = rg_in or o_rg
+    c.layernorm(acc, "post_attention_layernorm", res_rg)
+    c.lora(acc, "dense_h_to_4h", d.h, d.inter, c.e_h, res_rg, "ln2_out")
+    f_rg = res_rg or "dense_h_to_4h" in t
+    acc.add("mlp.bloom_gelu_input", bs * d.inter * c.e_m, f_rg)
+    c.lora(acc, "dense_4h_to_h", d.inter, d.h, c.e_m, f_rg, "f2_in")
+    f2_rg = f_rg or "dense_4h_to_h" in t
+    acc.add("hidden_dropout2.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and f2_rg)
+    return acc
+
+
+def layer_gpt2(c: Ctx, rg_in: bool) -> Acc:
+    d = c.d
+    bs = d.b * d.s
+    acc = Acc()
+    t = c.targets
+    c.layernorm(acc, "ln_1", rg_in)
+    c.lora(acc, "c_attn", d.h, 3 * d.h, c.e_h, rg_in, "ln1_out")
+    qkv_rg = rg_in or "c_attn" in t
+    # sdpa: q,k,v are views of the fused c_attn output (one 3h storage); eager: softmax in scores dtype
+    c.attn_core(acc, qkv_rg, qkv_rg, qkv_rg, k_heads=d.nh, qkv_shared_storage=3 * d.h, eager_softmax="same")
+    c.lora(acc, "attn.c_proj", d.h, d.h, c.e_a, qkv_rg, "o_in")
+    o_rg = qkv_rg or "attn.c_proj" in t
+    acc.add("resid_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
+    res_rg = rg_in or o_rg
+    c.layernorm(acc, "ln_2", res_rg)
+    c.lora(acc, "c_fc", d.h, d.inter, c.e_h, res_rg, "ln2_out")
+    f_rg = res_rg or "c_fc" in t
+    acc.add("mlp.activation", c.o.act_saved * bs * d.inter * c.e_m, f_rg)
+    c.lora(acc, "mlp.c_proj", d.inter, d.h, c.e_m, f_rg, "f2_in")
+    f2_rg = f_rg or "mlp.c_proj" in t
+    acc.add("mlp_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and f2_rg)
+    return acc
+
+
+LAYER: dict[str, Callable[[Ctx, bool], Acc]] = {
+    "llama": layer_llama,
+    "mistral": layer_llama,
+    "qwen2": layer_llama,
+    "gemma2": lambda c, rg: layer_llama(c, rg, gemma=True),
+    "opt": layer_opt,
+    "gpt_neox": layer_gpt_neox,
+    "phi": layer_phi,
+    "falcon": layer_falcon,
+    "falcon_new": lambda c, rg: layer_falcon(c, rg, new_arch=True),
+    "bloom": layer_bloom,
+    "gpt2": layer_gpt2,
+}
+ROPE = {"llama", "mistral", "qwen2", "gemma2", "gpt_neox", "phi", "falcon", "falcon_new"}
+LN_FINAL = {"opt", "gpt_neox", "phi", "falcon", "falcon_new", "bloom", "gpt2"}
