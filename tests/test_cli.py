@@ -12,15 +12,21 @@ from qlora_kit.recipe import load_recipe
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qlora_kit", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_kit", *args], capture_output=True, text=True, cwd=cwd, timeout=60
+    )
 
 
 def test_plan_prints_breakdown_choice_and_reasons():
     out = run("plan", "--model", "opt-6.7b", "--gpu", "24GB")
     assert out.returncode == 0, out.stderr
-    for text in ("facebook/opt-6.7b", "activations kept for backward", "on the device", "chosen settings",
-                 "runners-up"):
+    for text in (
+        "facebook/opt-6.7b",
+        "activations kept for backward",
+        "on the device",
+        "chosen settings",
+        "runners-up",
+    ):
         assert text in out.stdout
 
 
@@ -30,13 +36,16 @@ def test_plan_json_is_one_object_with_the_schema():
     assert data["choice"]["quant"] == "nf4" and data["fits"] is True
     assert data["device_bytes"] == data["peak_reserved_bytes"] + data["breakdown"]["cuda_context"]
     assert data["peak_allocated_bytes"] == sum(
-        v for k, v in data["breakdown"].items() if k not in ("allocator_slack", "cuda_context"))
+        v for k, v in data["breakdown"].items() if k not in ("allocator_slack", "cuda_context")
+    )
 
 
 def test_plan_does_not_import_torch_transformers_or_bitsandbytes():
-    code = ("import sys; from qlora_kit.cli import main; rc = main(['plan', '--model', 'opt-6.7b', '--gpu', '24GB',"
-            " '--json']); heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'peft', 'datasets',"
-            " 'accelerate') if m in sys.modules]; print('HEAVY', heavy); sys.exit(rc)")
+    code = (
+        "import sys; from qlora_kit.cli import main; rc = main(['plan', '--model', 'opt-6.7b', '--gpu', '24GB',"
+        " '--json']); heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'peft', 'datasets',"
+        " 'accelerate') if m in sys.modules]; print('HEAVY', heavy); sys.exit(rc)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout

@@ -21,8 +21,16 @@ def _key(c):
     return (quant, s.grad_ckpt, targets, -s.batch_size, opt)
 
 
-@pytest.mark.parametrize(("model", "gpu"), [("opt-6.7b", "24GB"), ("llama-2-7b", "16GB"), ("Llama-3.1-8B", "T4"),
-                                            ("Mistral-7B-v0.1", "80GB"), ("Qwen2.5-0.5B", "8GB")])
+@pytest.mark.parametrize(
+    ("model", "gpu"),
+    [
+        ("opt-6.7b", "24GB"),
+        ("llama-2-7b", "16GB"),
+        ("Llama-3.1-8B", "T4"),
+        ("Mistral-7B-v0.1", "80GB"),
+        ("Qwen2.5-0.5B", "8GB"),
+    ],
+)
 def test_choice_is_the_most_preferred_fitting_candidate(model, gpu):
     arch, device = lookup(model), resolve_gpu(gpu)
     cands = candidates(arch, Constraints(), device)
@@ -46,11 +54,29 @@ def test_sixteen_bit_base_is_preferred_when_it_fits_and_quantized_when_not():
 
 
 def test_fixed_knobs_are_respected():
-    c = Constraints(quant="int8", rank=32, targets="q_proj,v_proj", optimizer="paged_adamw8bit",
-                    batch_size=2, seq_len=256, grad_ckpt=True, attn="eager", dtype="fp16")
+    c = Constraints(
+        quant="int8",
+        rank=32,
+        targets="q_proj,v_proj",
+        optimizer="paged_adamw8bit",
+        batch_size=2,
+        seq_len=256,
+        grad_ckpt=True,
+        attn="eager",
+        dtype="fp16",
+    )
     s = plan(lookup("opt-6.7b"), resolve_gpu("24GB"), c).best.setup
     assert (s.quant, s.rank, s.targets, s.optimizer, s.batch_size, s.seq_len, s.grad_ckpt, s.attn, s.dtype) == (
-        "int8", 32, ("q_proj", "v_proj"), "paged_adamw8bit", 2, 256, True, "eager", "fp16")
+        "int8",
+        32,
+        ("q_proj", "v_proj"),
+        "paged_adamw8bit",
+        2,
+        256,
+        True,
+        "eager",
+        "fp16",
+    )
 
 
 def test_grad_accum_reaches_the_effective_batch():
@@ -97,11 +123,29 @@ def test_bad_constraints_raise_one_clear_error(constraints, fragment):
 
 def test_json_schema_has_the_documented_keys():
     out = plan_json(plan(lookup("opt-6.7b"), resolve_gpu("24GB"), Constraints()))
-    for key in ("peak_allocated_bytes", "peak_reserved_bytes", "device_bytes", "gpu_bytes", "fits", "choice",
-                "breakdown"):
+    for key in (
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "device_bytes",
+        "gpu_bytes",
+        "fits",
+        "choice",
+        "breakdown",
+    ):
         assert key in out
-    assert set(out["choice"]) == {"quant", "double_quant", "rank", "targets", "optimizer", "batch_size",
-                                  "grad_accum", "seq_len", "grad_ckpt", "attn", "dtype"}
+    assert set(out["choice"]) == {
+        "quant",
+        "double_quant",
+        "rank",
+        "targets",
+        "optimizer",
+        "batch_size",
+        "grad_accum",
+        "seq_len",
+        "grad_ckpt",
+        "attn",
+        "dtype",
+    }
     assert out["gpu_bytes"] == 24 * GIB
     assert out["peak_allocated_bytes"] <= out["peak_reserved_bytes"] <= out["device_bytes"]
 

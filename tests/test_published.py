@@ -23,6 +23,7 @@ def test_median_error_against_published_measurements_is_under_ten_percent():
 
 
 def test_readme_table_is_regenerated_from_the_current_model():
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "published_peaks.py"), "--check"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "published_peaks.py"), "--check"], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout

@@ -15,8 +15,13 @@ def write(tmp_path, text):
 
 
 def test_round_trip_keeps_every_value(tmp_path):
-    recipe = build_recipe({"model": {"name": "opt-125m"}, "lora": {"rank": 8, "targets": ["q_proj", "v_proj"]},
-                           "train": {"lr": 1e-4, "max_steps": 10}})
+    recipe = build_recipe(
+        {
+            "model": {"name": "opt-125m"},
+            "lora": {"rank": 8, "targets": ["q_proj", "v_proj"]},
+            "train": {"lr": 1e-4, "max_steps": 10},
+        }
+    )
     again = load_recipe(write(tmp_path, dump_recipe(recipe, "header")))
     assert again == recipe and isinstance(again, Recipe)
 
@@ -35,21 +40,21 @@ def test_all_problems_are_reported_at_once(tmp_path):
 def test_overrides_are_validated_like_the_file(tmp_path):
     path = write(tmp_path, "model:\n  name: opt-125m\n")
     assert load_recipe(path, ["train.max_steps=7", "lora.targets=[q_proj]"]).train.max_steps == 7
-    with pytest.raises(UsageError, match="train.max_steps must be an integer"):
+    with pytest.raises(UsageError, match=r"train\.max_steps must be an integer"):
         load_recipe(path, ["train.max_steps=seven"])
-    with pytest.raises(UsageError, match="is not section.key=value"):
+    with pytest.raises(UsageError, match=r"is not section\.key=value"):
         load_recipe(path, ["max_steps=7"])
 
 
 def test_ints_are_accepted_for_floats_but_not_bools_for_ints():
     r = build_recipe({"model": {"name": "m"}, "train": {"lr": 1, "epochs": 2}})
     assert r.train.lr == 1.0 and isinstance(r.train.lr, float)
-    with pytest.raises(UsageError, match="train.micro_batch must be an integer"):
+    with pytest.raises(UsageError, match=r"train\.micro_batch must be an integer"):
         build_recipe({"model": {"name": "m"}, "train": {"micro_batch": True}})
 
 
 def test_broken_yaml_and_missing_model_are_clear(tmp_path):
     with pytest.raises(UsageError, match="not valid YAML at line"):
         load_recipe(write(tmp_path, "model:\n  name: [unclosed\n"))
-    with pytest.raises(UsageError, match="model.name is required"):
+    with pytest.raises(UsageError, match=r"model\.name is required"):
         load_recipe(write(tmp_path, "train:\n  lr: 0.1\n"))

@@ -8,11 +8,27 @@ from qlora_kit.catalog import arch_from_config
 from qlora_kit.knobs import TrainSetup
 from qlora_kit.memory import linear_weight_bytes, other_param_bytes, quant_state_bytes
 
-FALCON = {"model_type": "falcon", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "vocab_size": 512, "multi_query": True, "parallel_attn": True, "bias": False}
-MIXTRAL = {"model_type": "mixtral", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "num_local_experts": 4,
-           "num_experts_per_tok": 2}
+FALCON = {
+    "model_type": "falcon",
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 512,
+    "multi_query": True,
+    "parallel_attn": True,
+    "bias": False,
+}
+MIXTRAL = {
+    "model_type": "mixtral",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+}
 
 
 def _load_4bit(path):

@@ -23,8 +23,10 @@ def table() -> str:
     rows = compare()
     lines = ["| id | model | setting | quantity | measured | planner | error |", "|---|---|---|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.row_id} | {r.model} | {r.setting} | {r.quantity} | {r.measured:g} {r.unit} | "
-                     f"{r.predicted:.2f} {r.unit} | {r.error:+.1%} |")
+        lines.append(
+            f"| {r.row_id} | {r.model} | {r.setting} | {r.quantity} | {r.measured:g} {r.unit} | "
+            f"{r.predicted:.2f} {r.unit} | {r.error:+.1%} |"
+        )
     lines.append(f"\nMedian absolute error over {len(rows)} rows: **{median_abs_error(rows):.1%}**.")
     return "\n".join(lines)
 
