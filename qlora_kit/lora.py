@@ -1,0 +1,58 @@
+"""LoRA on a loaded base: k-bit preparation, gradient checkpointing and peft's ``LoraConfig``.
+
+peft does the work; this module only maps a recipe's ``lora`` section (and the architecture's default
+targets) onto it, in the order the memory planner models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qlora_kit.catalog import DEFAULT_TARGETS
+from qlora_kit.recipe import LoraSpec, QuantSpec
+
+ALL_LINEAR = "all-linear"
+
+
+def target_modules(spec: LoraSpec, model_type: str) -> str | list[str]:
+    """peft's ``target_modules``: "all-linear", the architecture's defaults, or the names given."""
+    targets = spec.targets
+    if targets == ALL_LINEAR:
+        return ALL_LINEAR
+    if targets == "default":
+        return list(DEFAULT_TARGETS.get(model_type, ("q_proj", "v_proj")))
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
+def prepare(model: Any, quant: QuantSpec, grad_ckpt: bool) -> Any:
+    """Freeze the base; for a quantized base run peft's k-bit preparation (fp32 upcast of the
+    unquantized parameters); turn on non-reentrant gradient checkpointing when asked."""
+    from peft import prepare_model_for_kbit_training
+
+    ckpt_kwargs = {"use_reentrant": False}
+    if quant.mode != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=grad_ckpt, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            model.enable_input_require_grads()
+    return model
+
+
+def apply_lora(model: Any, spec: LoraSpec) -> Any:
+    """Wrap the (prepared) base in a peft ``PeftModel`` with LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=target_modules(spec, model.config.model_type),
+        bias=spec.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,86 @@
+"""Loading the base model and tokenizer: ``BitsAndBytesConfig`` from a spec, then transformers.
+
+The one place that turns a recipe's ``model`` and ``quant`` sections into a loaded model; train,
+export, generate and the measurement tool all load through here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qlora_kit.errors import UsageError
+from qlora_kit.recipe import ModelSpec, QuantSpec
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig, PreTrainedModel
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 call (STACK.md)
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return TORCH_DTYPES[name]
+
+
+def bnb_config(quant: QuantSpec) -> BitsAndBytesConfig | None:
+    """The bitsandbytes quantization a spec asks for (``None`` for a 16-bit base)."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.mode == "none":
+        return None
+    if quant.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.mode,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+    )
+
+
+def load_base(model: ModelSpec, quant: QuantSpec, attn: str = "sdpa", device_map: Any = None) -> PreTrainedModel:
+    """Load the base model quantized as the spec says, with ``use_cache`` off for training."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(quant.compute_dtype),
+        "attn_implementation": attn,
+        "revision": model.revision,
+        "trust_remote_code": model.trust_remote_code,
+    }
+    config = bnb_config(quant)
+    if config is not None:
+        kwargs["quantization_config"] = config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        base = AutoModelForCausalLM.from_pretrained(model.name, **kwargs)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot load model {model.name!r}: {str(exc).splitlines()[0]}",
+            "check the name or path (no network: use a local directory)",
+        ) from None
+    base.config.use_cache = False
+    return base
+
+
+def load_tokenizer(model: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.name, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot load the tokenizer of {model.name!r}: {str(exc).splitlines()[0]}",
+            "the model directory needs tokenizer files",
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
