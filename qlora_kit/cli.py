@@ -58,6 +58,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-recipe", metavar="PATH", help="write the recipe `qlora-kit train` runs")
     p.add_argument("--data", help="dataset for the written recipe (default: the bundled quotes)")
 
+    t = sub.add_parser(
+        "train", help="train a LoRA adapter from a recipe", description="Train a (Q)LoRA adapter as a recipe describes."
+    )
+    t.add_argument("recipe", help="recipe YAML (see recipes/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    t.add_argument("--force", action="store_true", help="train even if the plan does not fit; overwrite a previous run")
+
     sub.add_parser("models", help="list the model catalog")
     sub.add_parser("gpus", help="list the GPU table")
     return parser
@@ -107,7 +115,9 @@ def _plan(args: argparse.Namespace) -> int:
             lora_dropout=args.lora_dropout,
         )
         model_name, data = args.model, None
-    arch = resolve_model(model_name)
+    from qlora_kit.bundled import resolve
+
+    arch = resolve_model(resolve(model_name))
     result = plan(arch, device, constraints)
     if args.write_recipe:
         if args.data:
@@ -149,7 +159,22 @@ def _gpus(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plan": _plan, "models": _models, "gpus": _gpus}
+def _train(args: argparse.Namespace) -> int:
+    from qlora_kit import ui
+    from qlora_kit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    from qlora_kit.train import train
+
+    reporter = ui.RichReporter()
+    try:
+        train(recipe, reporter, resume=args.resume, force=args.force)
+    finally:
+        reporter.close()
+    return 0
+
+
+COMMANDS = {"plan": _plan, "train": _train, "models": _models, "gpus": _gpus}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,12 @@ export, generate and the measurement tool all load through here.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -67,6 +72,40 @@ def load_base(model: ModelSpec, quant: QuantSpec, attn: str = "sdpa", device_map
         ) from None
     base.config.use_cache = False
     return base
+
+
+def materialize_random_init(model: ModelSpec, target: Path, seed: int) -> ModelSpec:
+    """Write a random-init checkpoint of ``model``'s config (and its tokenizer files) to ``target``.
+
+    The weights are a function of the config and ``seed``, so an existing ``target`` made from the same
+    config is reused; export later loads the base from there.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = Path(model.name)
+    if not (source / "config.json").is_file():
+        raise UsageError(
+            f"model.random_init needs a directory with config.json, got {model.name!r}",
+            "point model.name at a config directory",
+        )
+    stamp = json.dumps({"config": json.loads((source / "config.json").read_text()), "seed": seed}, sort_keys=True)
+    if not (
+        target.is_dir()
+        and (target / ".random-init.json").is_file()
+        and (target / ".random-init.json").read_text() == stamp
+    ):
+        tmp = target.with_name(f".tmp-{target.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        torch.manual_seed(seed)
+        config = AutoConfig.from_pretrained(source)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        for item in source.iterdir():
+            if item.is_file() and item.name != "config.json":
+                shutil.copy(item, tmp / item.name)
+        (tmp / ".random-init.json").write_text(stamp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return dataclasses.replace(model, name=str(target), random_init=False)
 
 
 def load_tokenizer(model: ModelSpec) -> Any:

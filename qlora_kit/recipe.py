@@ -39,6 +39,7 @@ class ModelSpec:
     name: str = ""  # catalog name, hub id or local directory
     revision: str = "main"
     trust_remote_code: bool = False
+    random_init: bool = False  # build weights from the config (seeded by train.seed): demos and tests
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,49 @@ def render_gpus(devices: tuple[DeviceSpec, ...]) -> None:
     for d in devices:
         table.add_row(d.name, f"{d.memory_gib:g}", "yes" if d.bf16 else "no (fp16)", d.family)
     console.print(table)
+
+
+class RichReporter:
+    """Training progress on the terminal: one live bar with step, loss, lr, tokens/s, memory and ETA."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task: int | None = None
+
+    def message(self, text: str) -> None:
+        console.print(text)
+
+    def start(self, total_steps: int, start_step: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+
+    def step(self, m: dict[str, object]) -> None:
+        info = (
+            f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_s']:,.0f} tok/s  "
+            f"mem {float(m['memory_bytes']) / GIB:.2f} GiB"
+        )  # type: ignore[arg-type]
+        if "eval_loss" in m:
+            info += f"  eval {m['eval_loss']:.4f}"
+        if self.task is not None:
+            self.progress.update(self.task, completed=m["step"], info=info)  # type: ignore[arg-type]
+
+    def finish(self, summary: dict[str, object]) -> None:
+        self.progress.stop()
+        line = f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"  # type: ignore[str-format]
+        if summary.get("eval_loss") is not None:
+            line += f", eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_ppl']:.2f})"
+        console.print(line)
+        console.print(f"adapter: {summary['output_dir']}")
+
+    def close(self) -> None:
+        self.progress.stop()

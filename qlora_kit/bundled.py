@@ -1,0 +1,30 @@
+"""Files that ship inside the package, named ``builtin:NAME`` in recipes.
+
+``builtin:tiny-demo`` is a tiny llama-style config with an offline-trained tokenizer (no weights: the
+demo recipe initializes them randomly); ``builtin:quotes`` is the quotes dataset (data/quotes.jsonl).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+
+from qlora_kit.errors import UsageError
+from qlora_kit.recipe import ModelSpec
+
+PREFIX = "builtin:"
+FILES = {"tiny-demo": "data/tiny-demo", "quotes": "data/quotes.jsonl"}
+
+
+def resolve(name: str) -> str:
+    """The path of a ``builtin:`` name; any other name unchanged."""
+    if not name.startswith(PREFIX):
+        return name
+    key = name[len(PREFIX) :]
+    if key not in FILES:
+        raise UsageError(f"unknown bundled file {name!r}", f"bundled: {', '.join(PREFIX + k for k in FILES)}")
+    return str(resources.files("qlora_kit").joinpath(FILES[key]))
+
+
+def resolve_model_spec(spec: ModelSpec) -> ModelSpec:
+    return dataclasses.replace(spec, name=resolve(spec.name))

@@ -1,0 +1,369 @@
+"""``qlora-kit train``: one explicit training loop from a validated recipe to a PEFT adapter.
+
+Order of work: plan the recipe on the detected device (refuse when it will not fit), read and
+tokenize the data, load the base quantized, prepare it and add LoRA, then train with gradient
+accumulation, logging, evaluation and atomic checkpoints. Ctrl-C saves a checkpoint at the last
+finished step. The final adapter is written in peft's format with ``qlora_kit.json`` (what
+``export`` needs), which is written last: its presence means the run completed.
+
+This module reports through a :class:`Reporter` and never prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from qlora_kit import bundled, checkpoint
+from qlora_kit.errors import QloraKitError, UsageError
+from qlora_kit.recipe import Recipe
+
+METADATA_FILE = "qlora_kit.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class Reporter(Protocol):
+    def message(self, text: str) -> None: ...
+    def start(self, total_steps: int, start_step: int) -> None: ...
+    def step(self, metrics: dict[str, Any]) -> None: ...
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+class Interrupted(QloraKitError):
+    """Ctrl-C: a checkpoint was saved; ``--resume`` continues."""
+
+    exit_code = 130
+
+
+@dataclass
+class Device:
+    kind: str  # "cuda" or "cpu"
+    name: str
+    memory_bytes: int
+
+
+def detect_device() -> Device:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Device("cuda", props.name, props.total_memory)
+    return Device("cpu", "CPU", 0)
+
+
+def config_fingerprint(model_dir: str) -> str:
+    """sha256 of the base's config.json, canonicalized: export checks the adapter meets the same base."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config"):
+        data.pop(volatile, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def check_fits(recipe: Recipe, model_dir: str, device: Device, reporter: Reporter, force: bool) -> None:
+    """Plan the recipe on the detected GPU before any weights load; refuse when it will not fit."""
+    from qlora_kit.catalog import resolve_model
+    from qlora_kit.devices import DeviceSpec
+    from qlora_kit.planner import plan
+    from qlora_kit.recipe import to_constraints
+
+    if device.kind != "cuda":
+        reporter.message("no CUDA GPU found: training on the CPU (fine for the tiny demo, slow for real models)")
+        return
+    arch = resolve_model(model_dir)
+    spec = DeviceSpec(device.name, device.memory_bytes, torch.cuda.is_bf16_supported())
+    result = plan(arch, spec, to_constraints(recipe))
+    est = result.best.estimate
+    reporter.message(
+        f"plan: {est.device_bytes / 2**30:.2f} GiB of {device.memory_bytes / 2**30:.2f} GiB on "
+        f"{device.name} (peak allocated {est.peak_allocated_bytes / 2**30:.2f} GiB)"
+    )
+    if not result.fits and not force:
+        raise UsageError(
+            f"the recipe needs about {est.device_bytes / 2**30:.1f} GiB on {device.name}, which has "
+            f"{device.memory_bytes / 2**30:.1f} GiB",
+            "run `qlora-kit plan --recipe` for settings that fit, or pass --force to try anyway",
+        )
+
+
+def _optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> Any:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    cls = {
+        "adamw8bit": bnb.optim.AdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+    }[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device) for k, v in batch.items() if v is not None}
+
+
+def _autocast(recipe: Recipe, device: Device) -> Any:
+    """16-bit autocast for a k-bit-prepared base on a GPU (what the planner models)."""
+    from contextlib import nullcontext
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.quant.compute_dtype)
+    if device.kind == "cuda" and recipe.quant.mode != "none" and dtype is not None:
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def evaluate(model: Any, batches: Iterator[dict[str, Any]], n_batches: int, device: str) -> float:
+    """Mean token loss over ``n_batches`` batches (token-weighted)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for _ in range(n_batches):
+            batch = _to(next(batches), device)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            tokens += n
+    model.train()
+    return total / max(tokens, 1)
+
+
+def _total_steps(recipe: Recipe, epoch_batches: int) -> int:
+    t = recipe.train
+    if t.max_steps:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * epoch_batches / t.grad_accum))
+
+
+def _prepare_output(output_dir: Path, resume: bool, force: bool) -> Path | None:
+    """The checkpoint to resume from; refuse to overwrite a previous run by accident."""
+    if resume:
+        found = checkpoint.latest(output_dir)
+        if found is None:
+            raise UsageError(
+                f"--resume: no complete checkpoint in {output_dir / 'checkpoints'}", "start without --resume"
+            )
+        return found
+    previous = checkpoint.latest(output_dir) or (output_dir / METADATA_FILE).exists()
+    if previous and not force:
+        raise UsageError(
+            f"{output_dir} holds a previous run",
+            "pass --resume to continue it, --force to start over, or --set train.output_dir=NEW",
+        )
+    if previous:
+        shutil.rmtree(checkpoint.checkpoint_dir(output_dir), ignore_errors=True)
+        for name in (METADATA_FILE, METRICS_FILE):
+            (output_dir / name).unlink(missing_ok=True)
+    return None
+
+
+def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Run a recipe; return the summary (steps, final and eval loss, output directory)."""
+    from qlora_kit import data as datalib
+    from qlora_kit.lora import apply_lora, prepare
+    from qlora_kit.model import load_base, load_tokenizer, materialize_random_init
+
+    t, output_dir = recipe.train, Path(recipe.train.output_dir)
+    resume_from = _prepare_output(output_dir, resume, force)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = detect_device()
+    torch.manual_seed(t.seed)
+
+    model_spec = bundled.resolve_model_spec(recipe.model)
+    if recipe.model.random_init:
+        model_spec = materialize_random_init(model_spec, output_dir / "random-init-base", t.seed)
+    check_fits(recipe, model_spec.name, device, reporter, force)
+
+    tokenizer = load_tokenizer(model_spec)
+    tokenized = datalib.tokenize(recipe.data, datalib.load_raw(recipe.data), tokenizer)
+    reporter.message(f"data: {tokenized.stats}")
+    stream = datalib.BatchStream(
+        tokenized.train, t.micro_batch, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
+    )
+
+    model = load_base(model_spec, recipe.quant, t.attn, device_map={"": 0} if device.kind == "cuda" else None)
+    model = apply_lora(prepare(model, recipe.quant, t.grad_ckpt), recipe.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    reporter.message(f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.3f}%)")
+
+    from transformers import get_scheduler
+
+    total = _total_steps(recipe, stream.epoch_batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
+    scheduler = get_scheduler(t.schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total)
+
+    step, history = 0, []
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model, optimizer, scheduler)
+        step, history = state["step"], state["history"]
+        stream.load_state_dict(state["data"])
+        _truncate_metrics(output_dir / METRICS_FILE, step)
+        reporter.message(f"resumed from {resume_from} at step {step}")
+
+    def eval_loss() -> float | None:
+        """Mean token loss over one pass of the eval split, always the same batches."""
+        if not tokenized.eval:
+            return None
+        fresh = datalib.BatchStream(
+            tokenized.eval, t.micro_batch, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
+        )
+        return evaluate(model, fresh, fresh.epoch_batches, device.kind)
+
+    def save_checkpoint(at_step: int, data_state: dict[str, Any], rng: dict[str, Any]) -> Path:
+        state = {"data": data_state, "history": history[:at_step]}
+        return checkpoint.save(output_dir, at_step, model, optimizer, scheduler, rng, state, t.save_total_limit)
+
+    model.train()
+    reporter.start(total, step)
+    started, tokens_seen = time.perf_counter(), 0
+    data_state, rng = stream.state_dict(), checkpoint.rng_state()
+    try:
+        while step < total:
+            data_state, rng = stream.state_dict(), checkpoint.rng_state()  # the state a resume needs
+            loss_sum = 0.0
+            for _ in range(t.grad_accum):
+                batch = _to(next(stream), device.kind if device.kind == "cpu" else "cuda")
+                tokens_seen += int(batch["input_ids"].numel())
+                with _autocast(recipe, device):
+                    loss = model(**batch).loss
+                (loss / t.grad_accum).backward()
+                loss_sum += float(loss.detach())
+            if t.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history.append(loss_sum / t.grad_accum)
+            metrics = _metrics(
+                step, total, history[-1], scheduler.get_last_lr()[0], tokens_seen, started, stream, device
+            )
+            if tokenized.eval and t.eval_steps and step % t.eval_steps == 0:
+                metrics["eval_loss"] = eval_loss()
+                metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
+            if step % t.logging_steps == 0 or step == total or "eval_loss" in metrics:
+                _append_jsonl(output_dir / METRICS_FILE, metrics)
+            reporter.step(metrics)
+            if t.save_steps and step % t.save_steps == 0 and step < total:
+                save_checkpoint(step, stream.state_dict(), checkpoint.rng_state())
+    except KeyboardInterrupt:
+        # the step in flight is discarded: the checkpoint holds the last finished one
+        path = save_checkpoint(step, data_state, rng) if step else None
+        raise Interrupted(
+            f"interrupted at step {step}" + (f"; checkpoint saved to {path}" if path else ""),
+            f"continue with: qlora-kit train RECIPE --resume (output dir {output_dir})",
+        ) from None
+
+    summary: dict[str, Any] = {
+        "steps": step,
+        "final_loss": history[-1] if history else None,
+        "output_dir": str(output_dir),
+    }
+    if tokenized.eval:
+        summary["eval_loss"] = eval_loss()
+        summary["eval_ppl"] = math.exp(min(summary["eval_loss"], 50))
+    _write_final(output_dir, model, tokenizer, recipe, model_spec.name, summary)
+    summary["loss_curve"] = _plot(output_dir)
+    reporter.finish(summary)
+    return summary
+
+
+def _metrics(
+    step: int, total: int, loss: float, lr: float, tokens: int, started: float, stream: Any, device: Device
+) -> dict[str, Any]:
+    elapsed = time.perf_counter() - started
+    memory = torch.cuda.max_memory_allocated() if device.kind == "cuda" else _rss_bytes()
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "epoch": round(stream.epoch_float, 4),
+        "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+        "memory_bytes": memory,
+        "elapsed_s": round(elapsed, 3),
+    }
+
+
+def _rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint a run resumes from (they will be logged again)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _write_final(
+    output_dir: Path, model: Any, tokenizer: Any, recipe: Recipe, base: str, summary: dict[str, Any]
+) -> None:
+    """Adapter and tokenizer into place, then ``qlora_kit.json`` last: it marks the run complete."""
+    import peft
+    import transformers
+
+    tmp = output_dir / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for item in tmp.iterdir():
+        os.replace(item, output_dir / item.name)
+    tmp.rmdir()
+    metadata = {
+        "base_model": base,
+        "base_config_sha256": config_fingerprint(base),
+        "quant": {
+            "mode": recipe.quant.mode,
+            "double_quant": recipe.quant.double_quant,
+            "compute_dtype": recipe.quant.compute_dtype,
+        },
+        "recipe": recipe.to_dict(),
+        "summary": summary,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+    from qlora_kit.recipe import write_atomic
+
+    write_atomic(output_dir / METADATA_FILE, json.dumps(metadata, indent=2))
+
+
+def _plot(output_dir: Path) -> str | None:
+    """loss_curve.png from metrics.jsonl, when matplotlib is installed (the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in (output_dir / METRICS_FILE).read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    evals = [r for r in rows if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    path = output_dir / "loss_curve.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
