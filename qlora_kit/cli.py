@@ -159,11 +159,24 @@ def _gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_libraries() -> None:
+    """Our progress display replaces transformers' loading bars; its deprecation chatter is not the user's."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
 def _train(args: argparse.Namespace) -> int:
     from qlora_kit import ui
     from qlora_kit.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
+    quiet_libraries()
     from qlora_kit.train import train
 
     reporter = ui.RichReporter()

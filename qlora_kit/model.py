@@ -71,7 +71,21 @@ def load_base(model: ModelSpec, quant: QuantSpec, attn: str = "sdpa", device_map
             "check the name or path (no network: use a local directory)",
         ) from None
     base.config.use_cache = False
+    keep_4bit_weights_as_trained(base)
     return base
+
+
+def keep_4bit_weights_as_trained(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights on the first CPU inference forward.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode without grad permanently repacks
+    the weight and rounds its absmax to bf16 (``_convert_weight_packed_for_cpu``): an evaluation in
+    the middle of training would change the base the adapter trains against, and the adapter model
+    would no longer compute what export merges. The layer's own switch turns it off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def materialize_random_init(model: ModelSpec, target: Path, seed: int) -> ModelSpec:

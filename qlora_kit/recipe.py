@@ -171,6 +171,16 @@ def _type_name(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
+def _yaml11_float(value: Any) -> Any:
+    """PyYAML reads ``1e-4`` (no dot) as a string under YAML 1.1; take it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _at(lines: Mapping[str, int], key: str) -> str:
     line = lines.get(key)
     return f" (line {line})" if line else ""
@@ -205,6 +215,7 @@ def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None
                 hint = f"; did you mean {name}.{close[0]}?" if close else f"; valid keys: {', '.join(known)}"
                 problems.append(f"unknown key {dotted!r}{_at(lines, dotted)}{hint}")
                 continue
+            v = _yaml11_float(v) if hints[key] is float else v
             if not _type_ok(v, hints[key]):
                 problems.append(f"{dotted}{_at(lines, dotted)} must be {_type_name(hints[key])}, got {v!r}")
                 continue

@@ -166,8 +166,14 @@ def _prepare_output(output_dir: Path, resume: bool, force: bool) -> Path | None:
     return None
 
 
-def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
-    """Run a recipe; return the summary (steps, final and eval loss, output directory)."""
+@dataclass
+class TrainResult:
+    summary: dict[str, Any]  # steps, final and eval loss, output directory, loss curve
+    model: Any  # the trained PeftModel, still in memory
+
+
+def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bool = False) -> TrainResult:
+    """Run a recipe to the end (or to Ctrl-C, raising :class:`Interrupted`)."""
     from qlora_kit import data as datalib
     from qlora_kit.lora import apply_lora, prepare
     from qlora_kit.model import load_base, load_tokenizer, materialize_random_init
@@ -178,18 +184,24 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
     device = detect_device()
     torch.manual_seed(t.seed)
 
+    # data problems surface before anything heavy happens
     model_spec = bundled.resolve_model_spec(recipe.model)
-    if recipe.model.random_init:
-        model_spec = materialize_random_init(model_spec, output_dir / "random-init-base", t.seed)
-    check_fits(recipe, model_spec.name, device, reporter, force)
-
+    raw = datalib.load_raw(recipe.data)
     tokenizer = load_tokenizer(model_spec)
-    tokenized = datalib.tokenize(recipe.data, datalib.load_raw(recipe.data), tokenizer)
-    reporter.message(f"data: {tokenized.stats}")
+    tokenized = datalib.tokenize(recipe.data, raw, tokenizer, seed=t.seed)
+    reporter.message(
+        f"data: {tokenized.samples:,} samples, {tokenized.tokens:,} tokens"
+        + (f", {len(tokenized.eval):,} held out for eval" if tokenized.eval else "")
+        + (f"; {tokenized.truncated:,} truncated to {recipe.data.max_seq_len} tokens" if tokenized.truncated else "")
+        + (f"; {tokenized.dropped:,} dropped" if tokenized.dropped else "")
+    )
     stream = datalib.BatchStream(
         tokenized.train, t.micro_batch, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
     )
 
+    if recipe.model.random_init:
+        model_spec = materialize_random_init(model_spec, output_dir / "random-init-base", t.seed)
+    check_fits(recipe, model_spec.name, device, reporter, force)
     model = load_base(model_spec, recipe.quant, t.attn, device_map={"": 0} if device.kind == "cuda" else None)
     model = apply_lora(prepare(model, recipe.quant, t.grad_ckpt), recipe.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -276,7 +288,7 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
     _write_final(output_dir, model, tokenizer, recipe, model_spec.name, summary)
     summary["loss_curve"] = _plot(output_dir)
     reporter.finish(summary)
-    return summary
+    return TrainResult(summary, model)
 
 
 def _metrics(

@@ -58,3 +58,12 @@ def test_broken_yaml_and_missing_model_are_clear(tmp_path):
         load_recipe(write(tmp_path, "model:\n  name: [unclosed\n"))
     with pytest.raises(UsageError, match=r"model\.name is required"):
         load_recipe(write(tmp_path, "train:\n  lr: 0.1\n"))
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 as a string; a learning rate written that way must still work."""
+    path = write(tmp_path, "model:\n  name: m\ntrain:\n  lr: 1e-4\n")
+    assert load_recipe(path).train.lr == 1e-4
+    assert load_recipe(path, ["train.lr=3e-3"]).train.lr == 3e-3
+    with pytest.raises(UsageError, match="must be a number"):
+        load_recipe(path, ["train.lr=fast"])
