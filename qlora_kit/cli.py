@@ -122,14 +122,12 @@ def _plan(args: argparse.Namespace) -> int:
     if args.write_recipe:
         if args.data:
             data = recipes.DataSpec(path=args.data)
-        written = recipes.from_plan(
-            result, arch.name if not args.recipe else model_name, data or recipes.DataSpec(path=recipes.DEFAULT_DATA)
-        )
+        written = recipes.from_plan(result, arch.name if not args.recipe else model_name, data or recipes.DEFAULT_DATA)
         header = (
             f"qlora-kit recipe for {arch.name} on {device.name}, written by\n"
             f"  qlora-kit plan --model {model_name} --gpu {args.gpu} --write-recipe {args.write_recipe}\n"
             f"train it with: qlora-kit train {args.write_recipe}"
-            + ("" if (data and data.path) else "\n(set data.path to your dataset first)")
+            + ("" if data else "\n(data: the bundled quotes; point data.path at your dataset)")
         )
         recipes.write_atomic(args.write_recipe, recipes.dump_recipe(written, header))
     if args.json:

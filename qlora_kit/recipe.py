@@ -26,9 +26,6 @@ from qlora_kit.errors import UsageError
 from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS
 from qlora_kit.planner import ALL_LINEAR, Constraints, Plan
 
-# the dataset a written recipe points at when the user names none: set data.path before training
-DEFAULT_DATA = ""
-
 
 def _choices(*values: str) -> dict[str, Any]:
     return {"choices": values}
@@ -71,6 +68,10 @@ class DataSpec:
     too_long: str = field(default="truncate", metadata=_choices("truncate", "drop"))
     eval_fraction: float = 0.0
     split: str = "train"
+
+
+# the data a written recipe trains on when the user names none: the bundled quotes
+DEFAULT_DATA = DataSpec(path="builtin:quotes", text_field="quote")
 
 
 @dataclass(frozen=True)
