@@ -175,6 +175,7 @@ class TrainResult:
 def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bool = False) -> TrainResult:
     """Run a recipe to the end (or to Ctrl-C, raising :class:`Interrupted`)."""
     from qlora_kit import data as datalib
+    from qlora_kit.batches import BatchStream
     from qlora_kit.lora import apply_lora, prepare
     from qlora_kit.model import load_base, load_tokenizer, materialize_random_init
 
@@ -195,7 +196,7 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
         + (f"; {tokenized.truncated:,} truncated to {recipe.data.max_seq_len} tokens" if tokenized.truncated else "")
         + (f"; {tokenized.dropped:,} dropped" if tokenized.dropped else "")
     )
-    stream = datalib.BatchStream(
+    stream = BatchStream(
         tokenized.train, t.micro_batch, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
     )
 
@@ -227,7 +228,7 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
         """Mean token loss over one pass of the eval split, always the same batches."""
         if not tokenized.eval:
             return None
-        fresh = datalib.BatchStream(
+        fresh = BatchStream(
             tokenized.eval, t.micro_batch, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
         )
         return evaluate(model, fresh, fresh.epoch_batches, device.kind)

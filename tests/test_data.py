@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from qlora_kit.batches import BatchStream
 from qlora_kit.data import (
     IGNORE_INDEX,
-    BatchStream,
     load_raw,
     resolve_data_path,
     tokenize,
