@@ -168,8 +168,14 @@ def optimizer_state_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
     return total
 
 
-def estimate(arch: ArchSpec, setup: TrainSetup) -> Estimate:
-    """Add the terms into the three reported quantities (see the module docstring)."""
+def estimate(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> Estimate:
+    """Add the terms into the three reported quantities (see the module docstring).
+
+    ``device="cpu"`` describes a step on the CPU instead (what ``tools/measure_memory.py`` checks the
+    model against): CPU kernels' dtypes in the activation terms, and no cuBLAS workspace, allocator
+    slack or CUDA context, so ``peak_allocated_bytes`` is the peak of live tensor bytes.
+    """
+    cuda = device == "cuda"
     opt = optimizer_state_bytes(arch, setup)
     breakdown = {
         "linear_weights": linear_weight_bytes(arch, setup),
@@ -178,18 +184,19 @@ def estimate(arch: ArchSpec, setup: TrainSetup) -> Estimate:
         "lora_params": lora_param_bytes(arch, setup),
         "lora_grads": lora_grad_bytes(arch, setup),
         "optimizer_state": 0 if setup.paged else opt,
-        **activation_peak_terms(arch, setup),
-        "cublas_workspace": CUBLAS_WORKSPACE_BYTES,
+        **activation_peak_terms(arch, setup, device),
+        "cublas_workspace": CUBLAS_WORKSPACE_BYTES if cuda else 0,
     }
     allocated = sum(breakdown.values())
-    slack = int(ALLOCATOR_SLACK * (breakdown["activations"] + breakdown["logits_loss"] + breakdown["transient"]))
+    short_lived = breakdown["activations"] + breakdown["logits_loss"] + breakdown["transient"]
+    slack = int(ALLOCATOR_SLACK * short_lived) if cuda else 0
     breakdown["allocator_slack"] = slack
-    breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
+    breakdown["cuda_context"] = CUDA_CONTEXT_BYTES if cuda else 0
     reserved = allocated + slack
     return Estimate(
         peak_allocated_bytes=allocated,
         peak_reserved_bytes=reserved,
-        device_bytes=reserved + CUDA_CONTEXT_BYTES,
+        device_bytes=reserved + breakdown["cuda_context"],
         paged_bytes=opt if setup.paged else 0,
         breakdown=breakdown,
     )

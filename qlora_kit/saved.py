@@ -19,7 +19,9 @@ Element sizes, the "regime" of a step:
 - LayerNorm mean/rstd: fp32 on CUDA, the input dtype on CPU.
 
 Frozen base layers (nn.Linear without weight grad, bitsandbytes ``Linear4bit``) keep nothing; LLM.int8
-``MatMul8bitLt`` keeps its input on ``ctx`` (not a saved tensor, but alive until backward).
+``MatMul8bitLt`` keeps its input on ``ctx`` (not a saved tensor, but alive until backward, gradient
+checkpointing or not): blocks record each quantized linear's input (``Ctx.quant_input``) and
+``activations`` counts those not already saved.
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ class Acc:
     def __init__(self) -> None:
         self.p: dict[str, int] = {}
         self._keys: set[str] = set()
+        # inputs of the block's quantized linears, by storage key: (bytes, requires grad); LLM.int8 keeps
+        # them on ``ctx`` (see ``Ctx.quant_input``)
+        self.quant_inputs: dict[str, tuple[int, bool]] = {}
+
+    def saved(self, key: str) -> bool:
+        """Whether the storage named ``key`` is already among the saved tensors."""
+        return key in self._keys
 
     def add(self, name: str, nbytes: float, cond: object = True, key: str | None = None) -> None:
         if not cond or nbytes == 0:
@@ -171,6 +180,13 @@ class Ctx:
         if self.ac:  # bf16 casts of the fp32 LoRA weights, saved as mm's mat2
             acc.add(f"lora.{name}.A_weight_bf16", d.r * d_in * 2, x_rg)
             acc.add(f"lora.{name}.B_weight_bf16", d.r * d_out * 2)
+
+    def quant_input(self, acc: Acc, key: str, width: int, x_bytes: int, rg: bool) -> None:
+        """Record the input of a quantized linear (several linears may share one input storage, ``key``).
+        LLM.int8's ``MatMul8bitFp`` (CPU) / ``MatMul8bitLt`` (CUDA) keep it as ``ctx.A`` whenever the
+        autograd node exists, i.e. when the input requires grad; it is alive until backward."""
+        if self.quant and key not in acc.quant_inputs:
+            acc.quant_inputs[key] = (self.d.b * self.d.s * width * x_bytes, rg)
 
     def base_weight_copy(self, acc: Acc, name: str, d_in: int, d_out: int, x_rg: bool) -> None:
         if self.ac and not self.quant and self.e_np == 4:
