@@ -66,6 +66,27 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     t.add_argument("--force", action="store_true", help="train even if the plan does not fit; overwrite a previous run")
 
+    e = sub.add_parser(
+        "export",
+        help="merge an adapter into its base and write an fp16 checkpoint",
+        description="Dequantize the base, merge the adapter, write a plain transformers checkpoint.",
+    )
+    e.add_argument("--adapter", required=True, help="adapter directory (from qlora-kit train, or plain peft)")
+    e.add_argument("--out", required=True, help="output directory (refused if not empty, unless --force)")
+    e.add_argument("--base", help="base model path or id (default: from the adapter's metadata)")
+    e.add_argument(
+        "--quant",
+        choices=["nf4", "fp4", "int8", "none"],
+        help="quantization the adapter was trained against (plain peft adapters)",
+    )
+    e.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None)
+    e.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized")
+    e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    e.add_argument("--max-shard-size", default="5GB")
+    e.add_argument("--no-verify", action="store_true", help="skip the logits check against the adapter model")
+    e.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    e.add_argument("--allow-pickle", action="store_true", help="read pickle .bin base checkpoints (unsafe)")
+
     sub.add_parser("models", help="list the model catalog")
     sub.add_parser("gpus", help="list the GPU table")
     return parser
@@ -185,7 +206,35 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plan": _plan, "train": _train, "models": _models, "gpus": _gpus}
+def _export(args: argparse.Namespace) -> int:
+    from qlora_kit import ui
+
+    quiet_libraries()
+    from qlora_kit.export import export
+
+    reporter = ui.ExportReporter()
+    try:
+        summary = export(
+            args.adapter,
+            args.out,
+            base=args.base,
+            quant=args.quant,
+            double_quant=args.double_quant,
+            merge_into=args.merge_into,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            verify=not args.no_verify,
+            force=args.force,
+            allow_pickle=args.allow_pickle,
+            reporter=reporter,
+        )
+    finally:
+        reporter.close()
+    ui.render_export(summary)
+    return 0
+
+
+COMMANDS = {"plan": _plan, "train": _train, "export": _export, "models": _models, "gpus": _gpus}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

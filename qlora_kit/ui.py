@@ -153,3 +153,52 @@ class RichReporter:
 
     def close(self) -> None:
         self.progress.stop()
+
+
+class ExportReporter:
+    """Export progress: a bar per phase (bytes merged and written, then models verified)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}[/]"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task: int | None = None
+
+    def message(self, text: str) -> None:
+        console.print(text)
+
+    def start(self, phase: str, total: int) -> None:
+        if self.task is None:
+            self.progress.start()
+        else:
+            self.progress.update(self.task, completed=self.progress.tasks[-1].total)
+        self.task = self.progress.add_task(phase, total=total)
+
+    def advance(self, amount: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, amount)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def render_export(summary: dict[str, object]) -> None:
+    console.print(
+        f"merged {summary['merged_tensors']} tensors ({summary['merge_into']}) into {summary['shards']} "
+        f"shard(s), {float(summary['total_bytes']) / GIB:.2f} GiB of {summary['dtype']}: "  # type: ignore[arg-type]
+        f"{summary['out_dir']}"
+    )
+    check = summary.get("verification")
+    if isinstance(check, dict):
+        console.print(
+            f"verified against the adapter model: max |logit diff| {check.get('max_abs_diff'):.3g}, "
+            f"KL {check.get('kl'):.3g}"
+        )
+    else:
+        console.print("not verified (--no-verify)")

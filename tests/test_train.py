@@ -33,9 +33,17 @@ class Quiet:
 def demo_recipe(out: Path, **train):
     from qlora_kit.recipe import load_recipe
 
-    overrides = {"train.output_dir": str(out), "train.max_steps": 12, "train.micro_batch": 4,
-                 "train.logging_steps": 1, "train.save_steps": 0, "train.eval_steps": 0, "train.warmup_steps": 0,
-                 "data.max_seq_len": 32, "train.lr": 0.01}
+    overrides = {
+        "train.output_dir": str(out),
+        "train.max_steps": 12,
+        "train.micro_batch": 4,
+        "train.logging_steps": 1,
+        "train.save_steps": 0,
+        "train.eval_steps": 0,
+        "train.warmup_steps": 0,
+        "data.max_seq_len": 32,
+        "train.lr": 0.01,
+    }
     overrides.update({k if "." in k else f"train.{k}": v for k, v in train.items()})
     return load_recipe(DEMO, [f"{k}={v}" for k, v in overrides.items()])
 
@@ -58,8 +66,9 @@ def test_training_lowers_the_loss_and_the_adapter_reloads_with_peft(tmp_path, qu
     result = train(recipe, Quiet())
     out = tmp_path / "run"
     curve = losses(out)
-    assert len(curve) == 12 and all(set(json.loads(line)) >= {"step", "loss", "lr"}
-                                    for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert len(curve) == 12 and all(
+        set(json.loads(line)) >= {"step", "loss", "lr"} for line in (out / "metrics.jsonl").read_text().splitlines()
+    )
     first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (10, 11, 12)) / 3
     assert last < first - 0.2, curve
     for name in ("adapter_config.json", "adapter_model.safetensors", "qlora_kit.json", "tokenizer.json"):
@@ -97,15 +106,30 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "qlora_kit", *args], capture_output=True, text=True,
-                          timeout=300, **kw)
+    return subprocess.run([sys.executable, "-m", "qlora_kit", *args], capture_output=True, text=True, timeout=300, **kw)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "qlora_kit", "train", str(DEMO), "--set", f"train.output_dir={out}",
-           "--set", "train.max_steps=5000", "--set", "train.save_steps=0", "--set", "train.logging_steps=1",
-           "--set", "data.max_seq_len=32", "--set", "train.micro_batch=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qlora_kit",
+        "train",
+        str(DEMO),
+        "--set",
+        f"train.output_dir={out}",
+        "--set",
+        "train.max_steps=5000",
+        "--set",
+        "train.save_steps=0",
+        "--set",
+        "train.logging_steps=1",
+        "--set",
+        "data.max_seq_len=32",
+        "--set",
+        "train.micro_batch=4",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline:

@@ -1,0 +1,569 @@
+"""``qlora-kit export``: merge a LoRA adapter into its base and write a plain Hugging Face checkpoint.
+
+The adapter was trained against dequant(quant(W)), not W, so the default (``merge_into="dequantized"``)
+merges into exactly that, reproduced with bitsandbytes' own functions (:func:`merge.trained_weight`);
+``"original"`` merges into the 16-bit checkpoint weights instead. The delta ``scale * B @ A`` is
+computed in fp32 and the sum cast once to the output dtype.
+
+The export streams: it reads the base one safetensors shard and one tensor at a time, and writes the
+output shards tensor by tensor (their layout is planned from the headers first), so its memory is
+about one shard's mapped pages plus a few fp32 copies of the largest tensor, never one model.
+Everything is written to a hidden directory next to ``out``, verified, then renamed into place: an
+interrupted or failed export leaves nothing at ``out``.
+
+Verification loads the export with plain transformers (fp32, no peft, no bitsandbytes) and compares
+its logits on a fixed batch with the adapter model: the base loaded through :func:`model.load_base`
+as in training, k-bit prepared (fp32 outside the quantized weights), plus ``PeftModel.from_pretrained``.
+The two models are loaded one after the other, each whole: cheap for tests, minutes and (on CPU) about
+4 bytes per parameter of RAM for a 7B model; pass ``verify=False`` to skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import gc
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from qlora_kit.errors import QloraKitError, UsageError
+from qlora_kit.merge import (
+    LOAD_DTYPES,
+    QUANT_MODES,
+    Adapter,
+    Layout,
+    Plan,
+    QuantSource,
+    open_checkpoint,
+    parse_size,
+    plan_export,
+    read_adapter,
+    write_shards,
+)
+
+MERGE_MODES = ("dequantized", "original")
+OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+METADATA_FILE = "qlora_kit.json"  # what `qlora-kit train` writes last (train.METADATA_FILE)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Verification passes when max|logits_export - logits_adapter| <= TOLERANCE_ULPS * u * max(1, max|logits_adapter|),
+# u the unit roundoff of the output dtype (fp16 2^-11, bf16 2^-8; fp32 is held to 2^-20, the noise of
+# computing x(W + sBA)^T instead of xW^T + s(xA^T)B^T). Measured on CPU: rounding every weight to fp16
+# moves the logits by 0.6-1.2 u of their scale on the 2-layer test models and 1.9-2.6 u on the
+# 12-layer bench models (tools/bench_export.py); merging into the wrong base (W instead of dequant(quant(W)))
+# moves them by ~30 u (int8) to ~370 u (NF4). In bf16 the int8 rounding is as small as bf16's own, so
+# a bf16 export cannot tell an int8 base from the 16-bit one.
+TOLERANCE_ULPS = 16
+UNIT_ROUNDOFF = {"fp16": 2.0**-11, "bf16": 2.0**-8, "fp32": 2.0**-20}
+VERIFY_BATCH = (2, 32)
+
+
+class ExportReporter(Protocol):
+    """Where export says what it does: one line at a time, and progress through each phase."""
+
+    def message(self, text: str) -> None: ...
+    def start(self, phase: str, total: int) -> None: ...  # "merge" (bytes) or "verify" (models)
+    def advance(self, amount: int) -> None: ...
+
+
+class SilentReporter:
+    def message(self, text: str) -> None:
+        pass
+
+    def start(self, phase: str, total: int) -> None:
+        pass
+
+    def advance(self, amount: int) -> None:
+        pass
+
+
+class VerificationError(QloraKitError):
+    """The merged model does not compute what the adapter model computes."""
+
+
+def export(
+    adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    base: str | None = None,
+    quant: str | None = None,
+    double_quant: bool | None = None,
+    compute_dtype: str | None = None,
+    merge_into: str = "dequantized",
+    dtype: str = "fp16",
+    max_shard_size: int | str = "5GB",
+    verify: bool = True,
+    force: bool = False,
+    allow_pickle: bool = False,
+    reporter: ExportReporter | None = None,
+) -> dict[str, Any]:
+    """Merge the LoRA adapter in ``adapter_dir`` into its base and write a checkpoint to ``out_dir``.
+
+    Base and quantization come from the adapter's ``qlora_kit.json``; for adapters other tools made,
+    ``base`` (else ``adapter_config.json``'s ``base_model_name_or_path``), ``quant`` and
+    ``double_quant`` supply them, and ``compute_dtype`` the dtype the base was loaded in (default: the
+    checkpoint's, what transformers 5 loads by default). Returns a summary: files, merge mode,
+    verification (max abs diff, KL, tolerance) and peak memory. Raises :class:`UsageError` for bad
+    input and :class:`VerificationError` when the merged model does not match.
+    """
+    started = time.perf_counter()
+    reporter = reporter or SilentReporter()
+    if merge_into not in MERGE_MODES:
+        raise UsageError(f"merge_into must be one of {', '.join(MERGE_MODES)}, got {merge_into!r}", "")
+    if dtype not in OUT_DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}", "")
+    shard_bytes = parse_size(max_shard_size)
+    adapter_path, out = Path(adapter_dir), Path(out_dir)
+    if not adapter_path.is_dir():
+        raise UsageError(f"adapter directory {adapter_path} does not exist", "pass the output_dir of a training run")
+    adapter = read_adapter(adapter_path, allow_pickle)
+    metadata = _read_metadata(adapter_path)
+    qsource = _quant_source(metadata, quant, double_quant, compute_dtype, merge_into)
+    base_path = _resolve_base(base, metadata, adapter, adapter_path)
+    _check_fingerprint(metadata, base_path)
+    _check_out(out, force, [adapter_path, base_path])
+    checkpoint = open_checkpoint(base_path, allow_pickle)
+    if qsource is None:  # original mode, plain peft adapter
+        qsource = QuantSource("none", False, "")
+    if not qsource.compute_dtype:  # transformers 5 loads in the checkpoint's dtype unless told otherwise
+        qsource = QuantSource(qsource.mode, qsource.double_quant, checkpoint.float_dtype_name())
+    layout = model_layout(base_path, qsource if merge_into == "dequantized" else None, metadata)
+    plan = plan_export(checkpoint, layout, adapter, qsource, merge_into, OUT_DTYPES[dtype], shard_bytes)
+    for note in plan.notes:
+        reporter.message(note)
+    extra_files = _extra_files(adapter_path, base_path)
+    needed = plan.total_bytes + sum(p.stat().st_size for p in extra_files.values()) + 2**20
+    _check_disk(out, needed)
+
+    tmp = out.with_name(f".{out.name}.qlora-kit-partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # a previous export that was killed
+    try:
+        tmp.mkdir(parents=True)
+        reporter.start("merge", plan.total_bytes)
+        write_shards(tmp, plan, checkpoint, reporter.advance)
+        _write_config(tmp, base_path, plan, dtype)
+        for name, src in extra_files.items():
+            shutil.copy2(src, tmp / name)
+        merge_rss = _peak_rss_bytes()
+        verification = None
+        if verify:
+            verification = verify_export(tmp, base_path, adapter_path, qsource, merge_into, dtype, layout, reporter)
+        summary = {
+            "out_dir": str(out),
+            "adapter": str(adapter_path),
+            "base": str(base_path),
+            "merge_into": merge_into,
+            "dtype": dtype,
+            "quant": None if qsource.mode == "none" else dataclasses.asdict(qsource),
+            "shards": len(plan.shards),
+            "total_bytes": plan.total_bytes,
+            "tensors": sum(len(s) for s in plan.shards),
+            "merged_tensors": plan.merged,
+            "largest_tensor_bytes": plan.largest_bytes,
+            "verification": verification,
+            "notes": plan.notes,
+            "peak_rss_bytes_merge": merge_rss,
+            "peak_rss_bytes": _peak_rss_bytes(),
+        }
+        (tmp / "README.md").write_text(model_card(summary))
+        _move_into_place(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise UsageError(
+                f"the disk filled up while writing next to {out}; nothing was written",
+                "free some space or choose another --out",
+            ) from None
+        raise
+    summary["elapsed_s"] = round(time.perf_counter() - started, 2)
+    summary["files"] = sorted(p.name for p in out.iterdir())
+    return summary
+
+
+# -- inputs -------------------------------------------------------------------------------------------
+
+
+def _read_metadata(adapter_path: Path) -> dict[str, Any] | None:
+    path = adapter_path / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _quant_source(
+    metadata: dict[str, Any] | None,
+    quant: str | None,
+    double_quant: bool | None,
+    compute_dtype: str | None,
+    merge_into: str,
+) -> QuantSource | None:
+    """How the base was quantized in training: qlora_kit.json, else the caller's options."""
+    if quant is not None and quant not in QUANT_MODES:
+        raise UsageError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}", "")
+    if compute_dtype is not None and compute_dtype not in LOAD_DTYPES:
+        raise UsageError(f"compute_dtype must be one of {', '.join(LOAD_DTYPES)}, got {compute_dtype!r}", "")
+    if metadata is not None:
+        q = metadata.get("quant") or {}
+        if q.get("mode") not in QUANT_MODES:
+            raise UsageError(
+                f"the adapter's {METADATA_FILE} does not say how its base was quantized", "re-run training"
+            )
+        dq = bool(q.get("double_quant")) and q["mode"] in ("nf4", "fp4")
+        known = QuantSource(q["mode"], dq, q.get("compute_dtype") or compute_dtype or "")
+        for name, given, recorded in (
+            ("quant", quant, known.mode),
+            ("double_quant", double_quant, known.double_quant),
+            ("compute_dtype", compute_dtype, known.compute_dtype or None),
+        ):
+            if given is not None and given != recorded:
+                raise UsageError(
+                    f"{name}={given} contradicts the adapter's {METADATA_FILE}, which records {recorded}",
+                    "leave it out: qlora-kit adapters record how their base was quantized",
+                )
+        return known
+    if quant is None:
+        if merge_into == "original":
+            return None
+        raise UsageError(
+            f"the adapter has no {METADATA_FILE} (not made by qlora-kit), so its base's quantization is unknown",
+            "pass --quant nf4|fp4|int8|none (and --double-quant/--no-double-quant for nf4/fp4), "
+            "or --merge-into original",
+        )
+    if quant in ("nf4", "fp4") and double_quant is None:
+        raise UsageError(
+            f"--quant {quant} needs --double-quant or --no-double-quant: it changes the rounding of the base",
+            "pass the bnb_4bit_use_double_quant the adapter was trained with",
+        )
+    if quant not in ("nf4", "fp4") and double_quant:
+        raise UsageError(f"double quant is for nf4/fp4, not {quant}", "leave out --double-quant")
+    return QuantSource(quant, bool(double_quant), compute_dtype or "")
+
+
+def _resolve_base(base: str | None, metadata: dict[str, Any] | None, adapter: Adapter, adapter_path: Path) -> Path:
+    from qlora_kit.bundled import resolve
+
+    name = base or (metadata or {}).get("base_model") or adapter.base_name
+    if not name:
+        raise UsageError(f"{adapter_path} does not say which base model it adapts", "pass --base PATH")
+    name = resolve(name)
+    candidates = [Path(name)]
+    if not Path(name).is_absolute() and base is None:
+        candidates += [adapter_path / name, adapter_path.parent / name]
+    if base is None:  # a run directory moved together with its random-init base
+        candidates.append(adapter_path / Path(name).name)
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    try:  # a hub id already in the local cache (no network)
+        from huggingface_hub import snapshot_download
+
+        cached = Path(snapshot_download(name, local_files_only=True))
+        if (cached / "config.json").is_file():
+            return cached
+    except Exception:  # not a hub id, or not cached: the UsageError below says what to do
+        pass
+    raise UsageError(f"cannot find the base model {name!r} (no config.json there)", "pass --base with its local path")
+
+
+def _check_fingerprint(metadata: dict[str, Any] | None, base_path: Path) -> None:
+    from qlora_kit.train import config_fingerprint
+
+    recorded = (metadata or {}).get("base_config_sha256")
+    if recorded and config_fingerprint(str(base_path)) != recorded:
+        raise UsageError(
+            f"the base at {base_path} is not the model the adapter was trained on (its config.json differs "
+            f"from the one {METADATA_FILE} recorded)",
+            f"pass --base with the model recorded in {METADATA_FILE} ({(metadata or {}).get('base_model')})",
+        )
+
+
+def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
+    resolved = out.resolve()
+    for p in protected:
+        if resolved == p.resolve() or p.resolve().is_relative_to(resolved):
+            raise UsageError(f"--out {out} would overwrite {p}", "choose a new output directory")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory", "choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out} exists and is not empty", "choose another --out, or pass --force to replace it")
+
+
+def _check_disk(out: Path, needed: int) -> None:
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise UsageError(
+            f"not enough free disk space at {parent}: the export needs about {_size(needed)}, {_size(free)} free",
+            "free some space, choose another --out, or export with a smaller --dtype",
+        )
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _extra_files(adapter_path: Path, base_path: Path) -> dict[str, Path]:
+    """Tokenizer files (the adapter's own, else the base's) and the base's generation config."""
+    files: dict[str, Path] = {}
+    for source in (adapter_path, base_path):
+        found = [p for p in source.iterdir() if p.is_file() and (p.name in TOKENIZER_FILES or p.suffix == ".tiktoken")]
+        if found:
+            files = {p.name: p for p in found}
+            break
+    if (base_path / "generation_config.json").is_file():
+        files["generation_config.json"] = base_path / "generation_config.json"
+    return files
+
+
+# -- what transformers makes of the checkpoint -------------------------------------------------------
+
+
+def model_layout(base_path: Path, qsource: QuantSource | None, metadata: dict[str, Any] | None) -> Layout:
+    """Build the model on the meta device and let transformers' own bitsandbytes integration say which
+    modules it replaces (every nn.Linear/Conv1D but the head and other skipped modules; not Falcon's
+    FalconLinear, not transformers 5's 3-D MoE experts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    trust = bool(((metadata or {}).get("recipe") or {}).get("model", {}).get("trust_remote_code", False))
+    try:
+        config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"transformers cannot build the base at {base_path}: {exc}", "check its config.json") from None
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    names = {n for group in groups.values() for n in group} | {n for n, _ in model.named_buffers()}
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    quantized: set[str] = set()
+    if qsource is not None and qsource.mode in ("nf4", "fp4", "int8"):
+        import bitsandbytes as bnb
+        from transformers.quantizers import AutoHfQuantizer
+
+        from qlora_kit.model import bnb_config
+        from qlora_kit.recipe import QuantSpec
+
+        spec = QuantSpec(qsource.mode, qsource.double_quant, qsource.compute_dtype or "fp32")
+        quantizer = AutoHfQuantizer.from_config(bnb_config(spec), pre_quantized=False)
+        quantizer.preprocess_model(model=model, dtype=LOAD_DTYPES[spec.compute_dtype], device_map={"": "cpu"})
+        bnb_types = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        quantized = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, bnb_types)}
+    return Layout(names, model.base_model_prefix, quantized, conv1d, [g for g in groups.values() if len(g) > 1], config)
+
+
+def _write_config(tmp: Path, base_path: Path, plan: Plan, dtype: str) -> None:
+    """The base's config.json, with the output dtype, no quantization_config, and ties broken if needed."""
+    config = json.loads((base_path / "config.json").read_text())
+    torch_name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config["dtype"] = torch_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = torch_name
+    if plan.untied:
+        config["tie_word_embeddings"] = False
+        for sub in config.values():
+            if isinstance(sub, dict) and "tie_word_embeddings" in sub:
+                sub["tie_word_embeddings"] = False
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.qlora-kit-old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set so far (VmHWM), including whatever it did before the export."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# -- verification ---------------------------------------------------------------------------------------
+
+
+def verify_export(
+    export_dir: Path,
+    base_path: Path,
+    adapter_path: Path,
+    qsource: QuantSource,
+    merge_into: str,
+    dtype: str,
+    layout: Layout,
+    reporter: ExportReporter,
+) -> dict[str, Any]:
+    """Logits of the export (plain transformers, fp32) against the adapter model's on a fixed batch.
+
+    The reference for ``dequantized`` is the base quantized as in training (on the CPU) plus the
+    adapter, computed in fp32 like a k-bit prepared model: 4-bit layers multiply by their weight
+    dequantized to the compute dtype, as in training, but in an fp32 matmul; int8 layers run their
+    training forward, which multiplies by the dequantized weight, not the eval forward, which also
+    quantizes the activations. For ``original`` (or an adapter trained on a 16-bit base) it is the
+    16-bit base, upcast to fp32, plus the adapter. The export itself is loaded in fp32, so the
+    difference is the rounding of the merged weights to the output dtype, plus summation order.
+    """
+    reporter.start("verify", 2)
+    ids = _verify_batch(layout.config)
+    with torch.no_grad():
+        reference = _reference_model(base_path, adapter_path, qsource, merge_into)
+        expected = reference(input_ids=ids).logits.float()
+        del reference
+        gc.collect()
+        reporter.advance(1)
+        from transformers import AutoModelForCausalLM
+
+        exported = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+        got = exported(input_ids=ids).logits.float()
+        del exported
+        gc.collect()
+        reporter.advance(1)
+    scale = float(expected.abs().max())
+    max_abs_diff = float((got - expected).abs().max())
+    log_p = torch.log_softmax(expected.double(), -1)
+    log_q = torch.log_softmax(got.double(), -1)
+    kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    tolerance = TOLERANCE_ULPS * UNIT_ROUNDOFF[dtype] * max(scale, 1.0)
+    result = {
+        "reference": "adapter on the 16-bit base"
+        if qsource.mode == "none" or merge_into == "original"
+        else f"adapter on the {qsource.mode}{' double-quant' if qsource.double_quant else ''} base",
+        "max_abs_diff": max_abs_diff,
+        "kl": kl,
+        "logit_scale": scale,
+        "tolerance": tolerance,
+        "passed": bool(max_abs_diff <= tolerance and torch.isfinite(got).all()),
+        "batch": list(ids.shape),
+    }
+    reporter.message(
+        f"verification: max |logit diff| {max_abs_diff:.3g} (tolerance {tolerance:.3g}, logit scale "
+        f"{scale:.3g}), KL {kl:.3g} against the {result['reference']}"
+    )
+    if not result["passed"]:
+        raise VerificationError(
+            f"the merged model's logits differ from the adapter model's by up to {max_abs_diff:.4g} "
+            f"(tolerance {tolerance:.4g}); nothing was written",
+            "check --base/--quant match how the adapter was trained; report a bug if they do",
+        )
+    return result
+
+
+def _verify_batch(config: Any) -> torch.Tensor:
+    vocab = int(getattr(config, "vocab_size", 0) or config.get_text_config().vocab_size)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024
+    batch, seq = VERIFY_BATCH
+    return torch.randint(0, vocab, (batch, min(seq, int(positions))), generator=torch.Generator().manual_seed(0))
+
+
+def _dequantized_linear(module: Any) -> torch.nn.Linear:
+    """An fp32 ``nn.Linear`` holding exactly the weight a ``Linear4bit`` multiplies by: dequantized to
+    the compute dtype, as bitsandbytes 0.50's ``gemm_4bit`` does, then upcast (exact). The reference then
+    computes the trained model without the noise of a bf16 matmul."""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    state = copy.copy(module.weight.quant_state or module.quant_state)
+    state.dtype = module.compute_dtype or state.dtype
+    weight = bnbf.dequantize_4bit(module.weight.data, state).float()
+    linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        linear.bias = torch.nn.Parameter(module.bias.detach().float(), requires_grad=False)
+    return linear
+
+
+def _reference_model(base_path: Path, adapter_path: Path, qsource: QuantSource, merge_into: str) -> Any:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if merge_into == "original" or qsource.mode == "none":
+        load = LOAD_DTYPES[qsource.compute_dtype] if merge_into == "dequantized" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=load).float()
+    else:
+        import bitsandbytes as bnb
+        from peft import prepare_model_for_kbit_training
+
+        from qlora_kit.model import load_base
+        from qlora_kit.recipe import ModelSpec, QuantSpec
+
+        spec = QuantSpec(qsource.mode, qsource.double_quant, qsource.compute_dtype)
+        model = load_base(ModelSpec(name=str(base_path)), spec, device_map={"": "cpu"})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, bnb.nn.Linear4bit):
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, _dequantized_linear(module))
+    model = PeftModel.from_pretrained(model, adapter_path).eval()
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes"):
+            module.train()  # CPU: MatMul8bitFp, dequantize + fp32 matmul, the forward training used
+    return model
+
+
+# -- the model card -------------------------------------------------------------------------------------
+
+
+def model_card(summary: dict[str, Any]) -> str:
+    v = summary["verification"]
+    q = summary["quant"]
+    quant = "a 16-bit base" if q is None else f"an {q['mode']}{' double-quant' if q['double_quant'] else ''} base"
+    into = (
+        "dequant(quant(W)), the weights the adapter was trained against"
+        if summary["merge_into"] == "dequantized"
+        else "the original 16-bit weights W"
+    )
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [qlora-kit, lora, merged]",
+        "---",
+        "",
+        "# Merged LoRA checkpoint",
+        "",
+        f"Written by `qlora-kit export` ({time.strftime('%Y-%m-%d')}): a LoRA adapter trained on {quant}, "
+        f"merged into {into}, saved as {summary['dtype']} safetensors. Loads with plain transformers; "
+        "no peft or bitsandbytes needed.",
+        "",
+        f"- base: `{summary['base']}`",
+        f"- adapter: `{summary['adapter']}`",
+        f"- merge mode: `{summary['merge_into']}`; {summary['merged_tensors']} weights merged",
+        f"- dtype: `{summary['dtype']}`; {summary['shards']} shard(s), {summary['total_bytes'] / 2**20:,.1f} MiB",
+    ]
+    if v is None:
+        lines.append("- verification: skipped")
+    else:
+        lines.append(
+            f"- verification: {'passed' if v['passed'] else 'FAILED'} against the {v['reference']} "
+            f"(batch {v['batch'][0]}x{v['batch'][1]} fixed token ids): max |logit diff| {v['max_abs_diff']:.4g} "
+            f"(tolerance {v['tolerance']:.4g}, logit scale {v['logit_scale']:.4g}), KL {v['kl']:.4g}"
+        )
+    lines += [f"- note: {n}" for n in summary["notes"]]
+    return "\n".join(lines) + "\n"
