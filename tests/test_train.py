@@ -176,3 +176,12 @@ def test_resume_needs_a_checkpoint_and_a_rerun_needs_consent(tmp_path):
     train(demo_recipe(out, max_steps=2), Quiet())
     with pytest.raises(UsageError, match="holds a previous run"):
         train(demo_recipe(out, max_steps=2), Quiet())
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path):
+    from qlora_kit.train import train
+
+    out = tmp_path / "run"
+    train(demo_recipe(out, max_steps=6, save_steps=1, save_total_limit=2), Quiet())
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-000004", "step-000005"], kept  # the final step is the adapter itself
