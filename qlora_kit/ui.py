@@ -144,7 +144,7 @@ class RichReporter:
             self.progress.update(self.task, completed=m["step"], info=info)  # type: ignore[arg-type]
 
     def finish(self, summary: dict[str, object]) -> None:
-        self.progress.stop()
+        self.close()
         line = f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"  # type: ignore[str-format]
         if summary.get("eval_loss") is not None:
             line += f", eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_ppl']:.2f})"
@@ -152,7 +152,8 @@ class RichReporter:
         console.print(f"adapter: {summary['output_dir']}")
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:  # stopping a bar that never started prints a blank line
+            self.progress.stop()
 
 
 class ExportReporter:
@@ -185,7 +186,8 @@ class ExportReporter:
             self.progress.advance(self.task, amount)
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:  # stopping a bar that never started prints a blank line
+            self.progress.stop()
 
 
 def render_export(summary: dict[str, object]) -> None:

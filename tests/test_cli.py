@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from qlora_kit.recipe import load_recipe
+
+DEMO = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "cpu_demo.yaml")
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
@@ -90,6 +93,8 @@ def test_nothing_fits_exits_non_zero_with_advice():
         (["plan", "--recipe", "missing.yaml"], "cannot read recipe"),
         (["plan", "--model", "no/such-model-here"], "could not be fetched"),
         (["frobnicate"], "invalid choice"),
+        (["export", "--adapter", "/no/such/adapter", "--out", "/tmp/never-written"], "does not exist"),
+        (["train", DEMO, "--resume", "--set", "train.output_dir=/no/such/run"], "no complete checkpoint"),
     ],
 )
 def test_bad_input_gets_one_line_and_non_zero_exit(args, fragment, monkeypatch):
