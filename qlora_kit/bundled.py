@@ -16,13 +16,13 @@ PREFIX = "builtin:"
 FILES = {"tiny-demo": "data/tiny-demo", "quotes": "data/quotes.jsonl"}
 
 
-def resolve(name: str) -> str:
-    """The path of a ``builtin:`` name; any other name unchanged."""
+def resolve(name: str, kind: str = "file") -> str:
+    """The path of a ``builtin:`` name; any other name unchanged. ``kind`` names it in errors."""
     if not name.startswith(PREFIX):
         return name
     key = name[len(PREFIX) :]
     if key not in FILES:
-        raise UsageError(f"unknown bundled file {name!r}", f"bundled: {', '.join(PREFIX + k for k in FILES)}")
+        raise UsageError(f"unknown built-in {kind} {name!r}", f"built-in: {', '.join(PREFIX + k for k in FILES)}")
     return str(resources.files("qlora_kit").joinpath(FILES[key]))
 
 

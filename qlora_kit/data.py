@@ -15,7 +15,6 @@ is cheap.
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 import re
 import socket
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # the label transformers' causal-LM loss skips
-BUILTIN = {"builtin:quotes": "quotes.jsonl"}
 # file suffix -> datasets builder
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -49,11 +47,9 @@ Example = dict[str, list[int]]
 
 def resolve_data_path(path: str) -> str:
     """``builtin:<name>`` -> the packaged file; any other path or hub id unchanged."""
-    if not path.startswith("builtin:"):
-        return path
-    if path not in BUILTIN:
-        raise UsageError(f"unknown built-in dataset {path!r}", f"built-in datasets: {', '.join(BUILTIN)}")
-    return str(importlib.resources.files("qlora_kit") / "data" / BUILTIN[path])
+    from qlora_kit.bundled import resolve
+
+    return resolve(path, kind="dataset")
 
 
 def load_raw(spec: DataSpec) -> Dataset:

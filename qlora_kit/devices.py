@@ -66,12 +66,20 @@ def parse_size(text: str) -> int:
 
 
 @cache
-def gpu_table() -> tuple[DeviceSpec, ...]:
+def _gpu_rows() -> tuple[tuple[DeviceSpec, tuple[str, ...]], ...]:
+    """The GPU table, read once: each card with the names it answers to."""
     text = resources.files("qlora_kit").joinpath("data/gpus.csv").read_text()
     return tuple(
-        DeviceSpec(row["name"], int(float(row["memory_gib"]) * GIB), row["bf16"] == "true", row["family"])
+        (
+            DeviceSpec(row["name"], int(float(row["memory_gib"]) * GIB), row["bf16"] == "true", row["family"]),
+            (row["name"], *filter(None, row["aliases"].split("|"))),
+        )
         for row in csv.DictReader(text.splitlines())
     )
+
+
+def gpu_table() -> tuple[DeviceSpec, ...]:
+    return tuple(spec for spec, _ in _gpu_rows())
 
 
 def _norm(name: str) -> str:
@@ -81,10 +89,9 @@ def _norm(name: str) -> str:
 
 @cache
 def _gpu_index() -> dict[str, DeviceSpec]:
-    text = resources.files("qlora_kit").joinpath("data/gpus.csv").read_text()
     index: dict[str, DeviceSpec] = {}
-    for row, spec in zip(csv.DictReader(text.splitlines()), gpu_table(), strict=True):
-        for alias in [row["name"], *filter(None, row["aliases"].split("|"))]:
+    for spec, names in _gpu_rows():
+        for alias in names:
             index.setdefault(_norm(alias), spec)
     return index
 
