@@ -246,5 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print_error(str(exc))
         return exc.exit_code
+    except OSError as exc:  # an unwritable output path, a full disk: the OS said why
+        from qlora_kit.ui import print_error
+
+        where = f" ({exc.filename})" if exc.filename else ""
+        print_error(f"{exc.strerror or exc}{where}; check the path, its permissions and free space")
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -48,9 +48,17 @@ def bnb_config(quant: QuantSpec) -> BitsAndBytesConfig | None:
     )
 
 
+def _check_local(name: str) -> None:
+    """A name written as a path must be a directory (else transformers mistakes it for a hub id)."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise UsageError(f"model directory {name} does not exist", "check model.name")
+
+
 def load_base(model: ModelSpec, quant: QuantSpec, attn: str = "sdpa", device_map: Any = None) -> PreTrainedModel:
     """Load the base model quantized as the spec says, with ``use_cache`` off for training."""
     from transformers import AutoModelForCausalLM
+
+    _check_local(model.name)
 
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(quant.compute_dtype),
@@ -124,6 +132,8 @@ def materialize_random_init(model: ModelSpec, target: Path, seed: int) -> ModelS
 
 def load_tokenizer(model: ModelSpec) -> Any:
     from transformers import AutoTokenizer
+
+    _check_local(model.name)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(

@@ -181,7 +181,6 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
 
     t, output_dir = recipe.train, Path(recipe.train.output_dir)
     resume_from = _prepare_output(output_dir, resume, force)
-    output_dir.mkdir(parents=True, exist_ok=True)
     device = detect_device()
     torch.manual_seed(t.seed)
 
@@ -203,6 +202,7 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
     if recipe.model.random_init:
         model_spec = materialize_random_init(model_spec, output_dir / "random-init-base", t.seed)
     check_fits(recipe, model_spec.name, device, reporter, force)
+    output_dir.mkdir(parents=True, exist_ok=True)  # only once inputs have been checked
     model = load_base(model_spec, recipe.quant, t.attn, device_map={"": 0} if device.kind == "cuda" else None)
     model = apply_lora(prepare(model, recipe.quant, t.grad_ckpt), recipe.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -246,7 +246,7 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
             data_state, rng = stream.state_dict(), checkpoint.rng_state()  # the state a resume needs
             loss_sum = 0.0
             for _ in range(t.grad_accum):
-                batch = _to(next(stream), device.kind if device.kind == "cpu" else "cuda")
+                batch = _to(next(stream), device.kind)
                 tokens_seen += int(batch["input_ids"].numel())
                 with _autocast(recipe, device):
                     loss = model(**batch).loss
