@@ -32,11 +32,10 @@ from typing import Any, Protocol
 
 import torch
 
+from qlora_kit.adapters import check_fingerprint, quant_source, read_metadata, resolve_base
 from qlora_kit.errors import QloraKitError, UsageError
 from qlora_kit.merge import (
     LOAD_DTYPES,
-    QUANT_MODES,
-    Adapter,
     Layout,
     Plan,
     QuantSource,
@@ -49,7 +48,6 @@ from qlora_kit.merge import (
 
 MERGE_MODES = ("dequantized", "original")
 OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-METADATA_FILE = "qlora_kit.json"  # what `qlora-kit train` writes last (train.METADATA_FILE)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -134,10 +132,10 @@ def export(
     if not adapter_path.is_dir():
         raise UsageError(f"adapter directory {adapter_path} does not exist", "pass the output_dir of a training run")
     adapter = read_adapter(adapter_path, allow_pickle)
-    metadata = _read_metadata(adapter_path)
-    qsource = _quant_source(metadata, quant, double_quant, compute_dtype, merge_into)
-    base_path = _resolve_base(base, metadata, adapter, adapter_path)
-    _check_fingerprint(metadata, base_path)
+    metadata = read_metadata(adapter_path)
+    qsource = quant_source(metadata, quant, double_quant, compute_dtype, merge_into)
+    base_path = resolve_base(base, metadata, adapter, adapter_path)
+    check_fingerprint(metadata, base_path)
     _check_out(out, force, [adapter_path, base_path])
     checkpoint = open_checkpoint(base_path, allow_pickle)
     if qsource is None:  # original mode, plain peft adapter
@@ -198,98 +196,6 @@ def export(
 
 
 # -- inputs -------------------------------------------------------------------------------------------
-
-
-def _read_metadata(adapter_path: Path) -> dict[str, Any] | None:
-    path = adapter_path / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _quant_source(
-    metadata: dict[str, Any] | None,
-    quant: str | None,
-    double_quant: bool | None,
-    compute_dtype: str | None,
-    merge_into: str,
-) -> QuantSource | None:
-    """How the base was quantized in training: qlora_kit.json, else the caller's options."""
-    if quant is not None and quant not in QUANT_MODES:
-        raise UsageError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}", "")
-    if compute_dtype is not None and compute_dtype not in LOAD_DTYPES:
-        raise UsageError(f"compute_dtype must be one of {', '.join(LOAD_DTYPES)}, got {compute_dtype!r}", "")
-    if metadata is not None:
-        q = metadata.get("quant") or {}
-        if q.get("mode") not in QUANT_MODES:
-            raise UsageError(
-                f"the adapter's {METADATA_FILE} does not say how its base was quantized", "re-run training"
-            )
-        dq = bool(q.get("double_quant")) and q["mode"] in ("nf4", "fp4")
-        known = QuantSource(q["mode"], dq, q.get("compute_dtype") or compute_dtype or "")
-        for name, given, recorded in (
-            ("quant", quant, known.mode),
-            ("double_quant", double_quant, known.double_quant),
-            ("compute_dtype", compute_dtype, known.compute_dtype or None),
-        ):
-            if given is not None and given != recorded:
-                raise UsageError(
-                    f"{name}={given} contradicts the adapter's {METADATA_FILE}, which records {recorded}",
-                    "leave it out: qlora-kit adapters record how their base was quantized",
-                )
-        return known
-    if quant is None:
-        if merge_into == "original":
-            return None
-        raise UsageError(
-            f"the adapter has no {METADATA_FILE} (not made by qlora-kit), so its base's quantization is unknown",
-            "pass --quant nf4|fp4|int8|none (and --double-quant/--no-double-quant for nf4/fp4), "
-            "or --merge-into original",
-        )
-    if quant in ("nf4", "fp4") and double_quant is None:
-        raise UsageError(
-            f"--quant {quant} needs --double-quant or --no-double-quant: it changes the rounding of the base",
-            "pass the bnb_4bit_use_double_quant the adapter was trained with",
-        )
-    if quant not in ("nf4", "fp4") and double_quant:
-        raise UsageError(f"double quant is for nf4/fp4, not {quant}", "leave out --double-quant")
-    return QuantSource(quant, bool(double_quant), compute_dtype or "")
-
-
-def _resolve_base(base: str | None, metadata: dict[str, Any] | None, adapter: Adapter, adapter_path: Path) -> Path:
-    from qlora_kit.bundled import resolve
-
-    name = base or (metadata or {}).get("base_model") or adapter.base_name
-    if not name:
-        raise UsageError(f"{adapter_path} does not say which base model it adapts", "pass --base PATH")
-    name = resolve(name)
-    candidates = [Path(name)]
-    if not Path(name).is_absolute() and base is None:
-        candidates += [adapter_path / name, adapter_path.parent / name]
-    if base is None:  # a run directory moved together with its random-init base
-        candidates.append(adapter_path / Path(name).name)
-    for candidate in candidates:
-        if (candidate / "config.json").is_file():
-            return candidate
-    try:  # a hub id already in the local cache (no network)
-        from huggingface_hub import snapshot_download
-
-        cached = Path(snapshot_download(name, local_files_only=True))
-        if (cached / "config.json").is_file():
-            return cached
-    except Exception:  # not a hub id, or not cached: the UsageError below says what to do
-        pass
-    raise UsageError(f"cannot find the base model {name!r} (no config.json there)", "pass --base with its local path")
-
-
-def _check_fingerprint(metadata: dict[str, Any] | None, base_path: Path) -> None:
-    from qlora_kit.train import config_fingerprint
-
-    recorded = (metadata or {}).get("base_config_sha256")
-    if recorded and config_fingerprint(str(base_path)) != recorded:
-        raise UsageError(
-            f"the base at {base_path} is not the model the adapter was trained on (its config.json differs "
-            f"from the one {METADATA_FILE} recorded)",
-            f"pass --base with the model recorded in {METADATA_FILE} ({(metadata or {}).get('base_model')})",
-        )
 
 
 def _check_out(out: Path, force: bool, protected: list[Path]) -> None:

@@ -11,7 +11,6 @@ This module reports through a :class:`Reporter` and never prints.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,10 +24,10 @@ from typing import Any, Protocol
 import torch
 
 from qlora_kit import bundled, checkpoint
+from qlora_kit.adapters import METADATA_FILE, config_fingerprint
 from qlora_kit.errors import QloraKitError, UsageError
 from qlora_kit.recipe import Recipe
 
-METADATA_FILE = "qlora_kit.json"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -57,17 +56,6 @@ def detect_device() -> Device:
         props = torch.cuda.get_device_properties(0)
         return Device("cuda", props.name, props.total_memory)
     return Device("cpu", "CPU", 0)
-
-
-def config_fingerprint(model_dir: str) -> str:
-    """sha256 of the base's config.json, canonicalized: export checks the adapter meets the same base."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return ""
-    data = json.loads(path.read_text())
-    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config"):
-        data.pop(volatile, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def check_fits(recipe: Recipe, model_dir: str, device: Device, reporter: Reporter, force: bool) -> None:

@@ -79,7 +79,7 @@ def make_adapter(base: Path, out: Path, targets="all-linear", seed: int = 1, **l
 
 def write_metadata(adapter: Path, base: Path, mode: str, double_quant: bool = False, compute_dtype: str = "fp32"):
     """What `qlora-kit train` writes next to the adapter (train._write_final)."""
-    from qlora_kit.train import config_fingerprint
+    from qlora_kit.adapters import config_fingerprint
 
     meta = {
         "base_model": str(base),

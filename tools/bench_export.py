@@ -66,7 +66,7 @@ def build(workdir: Path, layers: int, hidden: int, shard_size: str) -> tuple[Pat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_kit.train import config_fingerprint
+    from qlora_kit.adapters import config_fingerprint
 
     base, adapter = workdir / "base", workdir / "adapter"
     stamp = json.dumps({"layers": layers, "hidden": hidden, "shard": shard_size})
