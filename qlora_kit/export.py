@@ -1,7 +1,7 @@
 """``qlora-kit export``: merge a LoRA adapter into its base and write a plain Hugging Face checkpoint.
 
 The adapter was trained against dequant(quant(W)), not W, so the default (``merge_into="dequantized"``)
-merges into exactly that, reproduced with bitsandbytes' own functions (:func:`merge.trained_weight`);
+merges into exactly that, bitsandbytes' rounding repeated bit for bit (:mod:`qlora_kit.rounding`);
 ``"original"`` merges into the 16-bit checkpoint weights instead. The delta ``scale * B @ A`` is
 computed in fp32 and the sum cast once to the output dtype.
 
@@ -34,17 +34,8 @@ import torch
 
 from qlora_kit.adapters import check_fingerprint, quant_source, read_metadata, resolve_base
 from qlora_kit.errors import QloraKitError, UsageError
-from qlora_kit.merge import (
-    LOAD_DTYPES,
-    Layout,
-    Plan,
-    QuantSource,
-    open_checkpoint,
-    parse_size,
-    plan_export,
-    read_adapter,
-    write_shards,
-)
+from qlora_kit.merge import Layout, Plan, QuantSource, plan_export, read_adapter, write_shards
+from qlora_kit.shards import LOAD_DTYPES, open_checkpoint, parse_size
 
 MERGE_MODES = ("dequantized", "original")
 OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -262,18 +253,27 @@ def model_layout(base_path: Path, qsource: QuantSource | None, metadata: dict[st
     conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
     quantized: set[str] = set()
     if qsource is not None and qsource.mode in ("nf4", "fp4", "int8"):
-        import bitsandbytes as bnb
-        from transformers.quantizers import AutoHfQuantizer
-
-        from qlora_kit.model import bnb_config
-        from qlora_kit.recipe import QuantSpec
-
-        spec = QuantSpec(qsource.mode, qsource.double_quant, qsource.compute_dtype or "fp32")
-        quantizer = AutoHfQuantizer.from_config(bnb_config(spec), pre_quantized=False)
-        quantizer.preprocess_model(model=model, dtype=LOAD_DTYPES[spec.compute_dtype], device_map={"": "cpu"})
-        bnb_types = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-        quantized = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, bnb_types)}
+        quantized = _bnb_replaced(model)
     return Layout(names, model.base_model_prefix, quantized, conv1d, [g for g in groups.values() if len(g) > 1], config)
+
+
+def _bnb_replaced(model: Any) -> set[str]:
+    """The weights transformers' bitsandbytes integration replaces, by its own rule, without importing
+    bitsandbytes (its import costs ~120 MiB): every module that is exactly ``nn.Linear`` or a ``Conv1D``,
+    minus the quantizer's ``modules_to_not_convert`` (the output head and tied modules, and the model's
+    ``_keep_in_fp32_modules``) as ``should_convert_module`` matches them (transformers 5.23,
+    ``integrations/bitsandbytes.replace_with_bnb_linear``). tests/test_export.py checks it against the
+    real replacement."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip)
+    }
 
 
 def _write_config(tmp: Path, base_path: Path, plan: Plan, dtype: str) -> None:

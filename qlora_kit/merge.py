@@ -1,14 +1,13 @@
 """The tensor math and file formats under ``qlora-kit export``; no transformers, no peft here.
 
-- :func:`trained_weight`: the base weight as the adapter saw it in training, dequant(quant(W)),
-  reproduced with bitsandbytes' own functions on the checkpoint tensor;
+- :func:`trained_rows`: the base weight as the adapter saw it in training, dequant(quant(W)), a slice
+  of rows at a time (:mod:`qlora_kit.rounding` repeats bitsandbytes' arithmetic bit for bit);
 - :func:`lora_delta`: scale * B @ A in fp32, oriented like the checkpoint tensor;
 - :func:`read_adapter`: a peft LoRA adapter directory -> factors, scales and replacement tensors;
-- :class:`Checkpoint`: the base's safetensors shards, read one tensor (or one chunk) at a time;
 - :func:`plan_export`: every output tensor, where it comes from and what happens to it, and the
   output shards, from the headers alone (shapes are checked before anything is written);
-- :func:`write_shards` / :class:`ShardWriter`: safetensors shards written tensor by tensor (the header
-  is planned first), so an export never holds more than the tensor it is merging.
+- :func:`write_shards`: the output shards, tensor by tensor (file formats: :mod:`qlora_kit.shards`), so
+  an export never holds more than the tensor it is merging.
 """
 
 from __future__ import annotations
@@ -16,37 +15,19 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
+from qlora_kit import rounding
 from qlora_kit.errors import UsageError
+from qlora_kit.shards import LOAD_DTYPES, Checkpoint, PlannedTensor, Shard, ShardWriter, shard_names
 
-# bitsandbytes' Params4bit default (blocksize=None -> 64 in 0.45-0.50); transformers 5 passes none
-NF4_BLOCKSIZE = 64
 QUANT_MODES = ("nf4", "fp4", "int8", "none")
-LOAD_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREFIX = "base_model.model."
-
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-ST_DTYPE_TO_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -59,47 +40,46 @@ class QuantSource:
 # -- what training computed with ----------------------------------------------------------------------
 
 
+def trained_rows(
+    weight: torch.Tensor, mode: str, double_quant: bool, dtype: torch.dtype, rows_per_piece: int = 1 << 30
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """dequant(quant(W)) exactly as the training forward multiplied by it, in fp32, a slice of rows at a
+    time: (first row, rows).
+
+    ``weight`` is the checkpoint tensor in (out, in) orientation; ``dtype`` is the dtype the base was
+    loaded in, which :func:`qlora_kit.model.load_base` also makes the 4-bit compute dtype. transformers 5.23
+    casts the checkpoint tensor to the load dtype and hands it to ``Params4bit``/``Int8Params``, which
+    quantize on ``.to(device)``; :mod:`qlora_kit.rounding` repeats bitsandbytes' arithmetic on it:
+
+    - NF4/FP4 (+ double quant): the 4-bit codes dequantized to the compute dtype, which is what
+      bitsandbytes 0.50's 4-bit matmul multiplies by (it dequantizes to its input's dtype, and
+      ``Linear4bit`` casts its input to the compute dtype).
+    - LLM.int8: ``CB * (SCB / 127)`` of the fp16 cast, what the CPU training forward (``MatMul8bitFp``)
+      multiplies by. A GPU training step multiplies int8 activations by int8 weights instead: no
+      dequantized weight reproduces that exactly.
+    - ``none``: the checkpoint tensor in the load dtype.
+    """
+    w = weight.to(dtype).contiguous()
+    if mode in ("nf4", "fp4"):
+        yield from rounding.roundtrip_4bit(w, mode, double_quant, dtype, rows_per_piece)
+        return
+    for first in range(0, w.shape[0], rows_per_piece):
+        rows = w[first : first + rows_per_piece]
+        if mode == "int8":
+            yield first, rounding.roundtrip_int8(rows)
+        elif mode == "none":
+            yield first, rows.float()
+        else:
+            raise ValueError(f"unknown quantization mode {mode!r}")
+
+
 def trained_weight(
     weight: torch.Tensor, mode: str, double_quant: bool, dtype: torch.dtype, conv1d: bool = False
 ) -> torch.Tensor:
-    """dequant(quant(W)) exactly as the training forward multiplied by it, in fp32.
-
-    ``dtype`` is the dtype the base was loaded in, which :func:`qlora_kit.model.load_base` also makes
-    the 4-bit compute dtype. transformers 5.23 casts the checkpoint tensor to the load dtype, transposes
-    a GPT-2 ``Conv1D`` weight to (out, in), and hands it to ``Params4bit``/``Int8Params``, which
-    quantize on ``.to(device)`` (``integrations/bitsandbytes.py``). We call the same bitsandbytes
-    functions on the same input:
-
-    - NF4/FP4: ``quantize_4bit(blocksize=64, compress_statistics=double_quant)``, then
-      ``dequantize_4bit`` to the compute dtype: ``Linear4bit`` casts its input to the compute dtype and
-      bitsandbytes 0.50's 4-bit matmul dequantizes to its input's dtype (``gemm_4bit``).
-    - LLM.int8: ``int8_vectorwise_quant`` of the fp16 cast (``Int8Params._quantize``); the weight the CPU
-      training forward multiplies by is ``CB * (SCB / 127)`` in the (fp32) activation dtype
-      (``MatMul8bitFp``). A GPU training step multiplies int8 activations by int8 weights instead: no
-      dequantized weight reproduces that exactly.
-    - ``none``: the checkpoint tensor in the load dtype.
-
-    The result has the checkpoint's orientation (a ``Conv1D`` weight comes back as (in, out)).
-    """
-    w = weight.to(dtype)
-    if mode == "none":
-        return w.float()
-    import bitsandbytes.functional as bnbf
-
-    if conv1d:
-        w = w.T
-    w = w.contiguous()
-    if mode == "int8":
-        cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
-        out = cb.to(torch.float32).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
-    elif mode in ("nf4", "fp4"):
-        packed, state = bnbf.quantize_4bit(
-            w, blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant, quant_type=mode
-        )
-        state.dtype = dtype  # the compute dtype (already the load dtype: load_base makes them one)
-        out = bnbf.dequantize_4bit(packed, state).float()
-    else:
-        raise ValueError(f"unknown quantization mode {mode!r}")
+    """:func:`trained_rows` whole, in the checkpoint's orientation (a GPT-2 ``Conv1D`` weight is stored
+    (in, out) and quantized transposed)."""
+    w = weight.T if conv1d else weight
+    out = torch.cat([rows for _, rows in trained_rows(w, mode, double_quant, dtype)])
     return out.T if conv1d else out
 
 
@@ -147,6 +127,11 @@ def lora_delta(factor: LoraFactor, transpose: bool = False) -> torch.Tensor:
     """
     delta = (factor.b.float() @ factor.a.float()).mul_(factor.scale)
     return delta.T if transpose != factor.embedding else delta
+
+
+def lora_delta_rows(factor: LoraFactor, first: int, last: int) -> torch.Tensor:
+    """Rows ``first:last`` of a linear layer's delta, scale * B[first:last] @ A, in fp32."""
+    return (factor.b[first:last].float() @ factor.a.float()).mul_(factor.scale)
 
 
 @dataclass
@@ -238,203 +223,6 @@ def _parse_adapter(
         scale = lora_scale(alpha, int(a.shape[0]), bool(config.get("use_rslora")))
         factors[module + ".weight"] = LoraFactor(module, a, b, scale, embedding)
     return factors, replacements
-
-
-# -- safetensors, read and written one tensor at a time ----------------------------------------------
-
-
-def parse_size(size: int | str) -> int:
-    """``"5GB"`` -> 5 * 10**9, ``"500MiB"`` -> 500 * 2**20 (transformers' ``max_shard_size`` units)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"cannot read the size {size!r}", "write it like 5GB, 500MB or 2GiB")
-    unit = (m.group(2) or "B").upper()
-    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    powers |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    return int(float(m.group(1)) * powers[unit])
-
-
-def st_dtype(dtype: torch.dtype) -> str:
-    return _ST_DTYPES[dtype]
-
-
-@dataclass
-class PlannedTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
-class ShardWriter:
-    """Writes one safetensors file whose tensors (names, dtypes, shapes) are known in advance.
-
-    The format is an 8-byte little-endian header length, a JSON header with every tensor's byte range,
-    then the raw little-endian bytes in that order; knowing the layout up front lets us stream the
-    tensors in one by one instead of collecting a shard's worth in memory as ``save_file`` needs.
-    """
-
-    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: Mapping[str, str] | None = None) -> None:
-        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-        offset = 0
-        for t in tensors:
-            header[t.name] = {
-                "dtype": st_dtype(t.dtype),
-                "shape": list(t.shape),
-                "data_offsets": [offset, offset + t.nbytes],
-            }
-            offset += t.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
-        self.path = path
-        self.expected = list(tensors)
-        self.fh: BinaryIO = path.open("wb")
-        self.fh.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
-        """Append the next planned tensor, given as consecutive pieces of its flattened data."""
-        want = self.expected.pop(0)
-        written = 0
-        for piece in pieces:
-            if name != want.name or piece.dtype != want.dtype:
-                raise RuntimeError(f"shard writer: got {name} {piece.dtype}, planned {want}")
-            flat = piece.detach().contiguous().reshape(-1).view(torch.uint8)
-            if flat.numel():
-                self.fh.write(memoryview(flat.numpy()))
-            written += flat.numel()
-        if written != want.nbytes:
-            raise RuntimeError(f"shard writer: {name} got {written} bytes, planned {want.nbytes}")
-
-    def close(self) -> None:
-        if self.expected:
-            raise RuntimeError(f"shard writer: {len(self.expected)} planned tensors were never written")
-        self.fh.flush()
-        self.fh.close()
-
-
-# -- the base checkpoint --------------------------------------------------------------------------------
-
-
-class Checkpoint:
-    """The base's weight files and their headers; :meth:`open` maps one file at a time."""
-
-    def __init__(self, files: list[Path], pickled: bool) -> None:
-        self.files, self.pickled = files, pickled
-        self.headers: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
-        for i in range(len(files)):
-            shard = self.open(i)
-            self.headers.append({k: (shard.dtype(k), shard.shape(k)) for k in shard.names()})
-            shard.close()
-
-    def open(self, index: int) -> Shard:
-        return Shard(self.files[index], self.pickled)
-
-    def float_dtype_name(self) -> str:
-        """The checkpoint's floating-point dtype (what transformers 5 loads it in by default)."""
-        for header in self.headers:
-            for dt, _ in header.values():
-                for name, known in LOAD_DTYPES.items():
-                    if dt == known:
-                        return name
-        return "fp32"
-
-
-class Shard:
-    """One weight file. safetensors tensors are read with ``readinto`` into fresh tensors, not mapped:
-    pages of a mapped file count in the resident set until it is closed, which would make the peak one
-    base shard (5 GB by default) instead of one tensor."""
-
-    def __init__(self, path: Path, pickled: bool) -> None:
-        self._sd: dict[str, torch.Tensor] | None = None
-        self._fh: BinaryIO | None = None
-        if pickled:
-            self._sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            return
-        self._fh = path.open("rb")
-        (length,) = struct.unpack("<Q", self._fh.read(8))
-        header = json.loads(self._fh.read(length))
-        header.pop("__metadata__", None)
-        self._start = 8 + length
-        self._entries: dict[str, Any] = header
-
-    def names(self) -> list[str]:
-        return sorted(self._sd if self._sd is not None else self._entries)
-
-    def dtype(self, key: str) -> torch.dtype:
-        if self._sd is not None:
-            return self._sd[key].dtype
-        return ST_DTYPE_TO_TORCH[self._entries[key]["dtype"]]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        if self._sd is not None:
-            return tuple(self._sd[key].shape)
-        return tuple(self._entries[key]["shape"])
-
-    def get(self, key: str) -> torch.Tensor:
-        if self._sd is not None:
-            return self._sd[key]
-        begin, end = self._entries[key]["data_offsets"]
-        raw = torch.empty(end - begin, dtype=torch.uint8)
-        self._read(key, begin, raw)
-        return raw.view(self.dtype(key)).reshape(self.shape(key))
-
-    def chunks(self, key: str, chunk_bytes: int = 1 << 24) -> Iterator[torch.Tensor]:
-        """The tensor's flattened data, ``chunk_bytes`` at a time."""
-        if self._sd is not None:
-            flat = self._sd[key].reshape(-1)
-            yield from flat.split(max(1, chunk_bytes // flat.element_size()))
-            return
-        assert self._fh is not None
-        begin, end = self._entries[key]["data_offsets"]
-        dtype = self.dtype(key)
-        size = torch.empty((), dtype=dtype).element_size()
-        step = max(size, chunk_bytes // size * size)
-        for at in range(begin, end, step):
-            raw = torch.empty(min(step, end - at), dtype=torch.uint8)
-            self._read(key, at, raw)
-            yield raw.view(dtype)
-
-    def _read(self, key: str, at: int, raw: torch.Tensor) -> None:
-        assert self._fh is not None
-        view = memoryview(raw.numpy())
-        self._fh.seek(self._start + at)
-        done = 0
-        while done < len(view):
-            n = self._fh.readinto(view[done:])
-            if not n:
-                raise UsageError(f"{self._fh.name} is truncated (tensor {key})", "re-download or re-save the base")
-            done += n
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        self._sd = self._fh = None
-
-
-def open_checkpoint(base_path: Path, allow_pickle: bool) -> Checkpoint:
-    for index, single, pickled in (
-        ("model.safetensors.index.json", "model.safetensors", False),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin", True),
-    ):
-        if (base_path / index).is_file():
-            weight_map = json.loads((base_path / index).read_text())["weight_map"]
-            files = [base_path / f for f in sorted(set(weight_map.values()))]
-        elif (base_path / single).is_file():
-            files = [base_path / single]
-        else:
-            continue
-        if pickled and not allow_pickle:
-            raise UsageError(
-                f"the base at {base_path} is a pickle checkpoint ({files[0].name}), which can run code when loaded",
-                "convert it to safetensors, or pass --allow-pickle if you trust its source",
-            )
-        return Checkpoint(files, pickled)
-    raise UsageError(f"no model weights in {base_path}", "the base needs model.safetensors (or sharded safetensors)")
 
 
 # -- the plan: every output tensor, where it comes from, what happens to it -------------------------
@@ -582,10 +370,7 @@ def plan_export(
 # -- writing --------------------------------------------------------------------------------------------
 
 
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+PIECE_ELEMENTS = 1 << 20  # elements per merged slice (4 MiB in fp32)
 
 
 def produce(op: Op, shard: Shard, plan: Plan) -> Iterator[torch.Tensor]:
@@ -602,6 +387,14 @@ def produce(op: Op, shard: Shard, plan: Plan) -> Iterator[torch.Tensor]:
         for piece in shard.chunks(op.source):
             # in dequantized mode, what the training forward held: the load dtype (k-bit prep upcasts exactly)
             yield _checked(op, piece.to(load_dtype) if plan.merge_into == "dequantized" else piece)
+        return
+    if op.quantized and not op.conv1d and op.replacement is None:
+        # a slice of rows at a time: the merge holds the 16-bit source plus one slice, not fp32 copies
+        rows_per_piece = max(1, PIECE_ELEMENTS // max(1, shard.shape(op.source)[-1]))
+        for first, rows in trained_rows(shard.get(op.source), q.mode, q.double_quant, load_dtype, rows_per_piece):
+            if op.factor is not None:
+                rows.add_(lora_delta_rows(op.factor, first, first + rows.shape[0]))
+            yield _checked(op, rows).reshape(-1)
         return
     if op.replacement is not None:
         weight = op.replacement

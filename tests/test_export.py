@@ -216,7 +216,7 @@ def test_merging_into_the_wrong_base_fails_verification_and_writes_nothing(tmp_p
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
     # a bug that merges into W instead of dequant(quant(W)): the logits move by hundreds of fp16 ulps
-    monkeypatch.setattr(merge, "trained_weight", lambda w, mode, dq, dtype, conv1d=False: w.to(dtype).float())
+    monkeypatch.setattr(merge, "trained_rows", lambda w, mode, dq, dtype, rows=0: [(0, w.to(dtype).float())])
     with pytest.raises(VerificationError, match="differ from the adapter model"):
         export(adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
