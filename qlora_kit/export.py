@@ -24,6 +24,7 @@ import dataclasses
 import errno
 import gc
 import json
+import math
 import os
 import shutil
 import time
@@ -62,6 +63,7 @@ TOKENIZER_FILES = (
 TOLERANCE_ULPS = 16
 UNIT_ROUNDOFF = {"fp16": 2.0**-11, "bf16": 2.0**-8, "fp32": 2.0**-20}
 VERIFY_BATCH = (2, 32)
+VERIFY_MEMORY_SHARE = 0.8  # of the memory available, for the fp32 models verification loads
 
 
 class ExportReporter(Protocol):
@@ -98,7 +100,7 @@ def export(
     merge_into: str = "dequantized",
     dtype: str = "fp16",
     max_shard_size: int | str = "5GB",
-    verify: bool = True,
+    verify: bool | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     reporter: ExportReporter | None = None,
@@ -108,8 +110,10 @@ def export(
     Base and quantization come from the adapter's ``qlora_kit.json``; for adapters other tools made,
     ``base`` (else ``adapter_config.json``'s ``base_model_name_or_path``), ``quant`` and
     ``double_quant`` supply them, and ``compute_dtype`` the dtype the base was loaded in (default: the
-    checkpoint's, what transformers 5 loads by default). Returns a summary: files, merge mode,
-    verification (max abs diff, KL, tolerance) and peak memory. Raises :class:`UsageError` for bad
+    checkpoint's, what transformers 5 loads by default). ``verify=None`` verifies when the two fp32
+    models it loads fit in the memory available now, and otherwise says so and skips; ``True`` always
+    verifies, ``False`` never. Returns a summary: files, merge mode, verification (max abs diff, KL,
+    tolerance, or why it was skipped) and peak memory. Raises :class:`UsageError` for bad
     input and :class:`VerificationError` when the merged model does not match.
     """
     started = time.perf_counter()
@@ -151,8 +155,10 @@ def export(
         for name, src in extra_files.items():
             shutil.copy2(src, tmp / name)
         merge_rss = _peak_rss_bytes()
-        verification = None
-        if verify:
+        verification, skipped = None, verification_skipped(plan, verify)
+        if skipped:
+            reporter.message(f"verification skipped: {skipped}")
+        else:
             verification = verify_export(tmp, base_path, adapter_path, qsource, merge_into, dtype, layout, reporter)
         summary = {
             "out_dir": str(out),
@@ -167,6 +173,7 @@ def export(
             "merged_tensors": plan.merged,
             "largest_tensor_bytes": plan.largest_bytes,
             "verification": verification,
+            "verification_skipped": skipped,
             "notes": plan.notes,
             "peak_rss_bytes_merge": merge_rss,
             "peak_rss_bytes": _peak_rss_bytes(),
@@ -233,9 +240,9 @@ def _extra_files(adapter_path: Path, base_path: Path) -> dict[str, Path]:
 
 
 def model_layout(base_path: Path, qsource: QuantSource | None, metadata: dict[str, Any] | None) -> Layout:
-    """Build the model on the meta device and let transformers' own bitsandbytes integration say which
-    modules it replaces (every nn.Linear/Conv1D but the head and other skipped modules; not Falcon's
-    FalconLinear, not transformers 5's 3-D MoE experts)."""
+    """Build the model on the meta device: its parameter names, ties, GPT-2 ``Conv1D`` weights, and the
+    weights transformers' bitsandbytes integration quantizes (every nn.Linear/Conv1D but the head and
+    other skipped modules; not Falcon's FalconLinear, not transformers 5's 3-D MoE experts)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
@@ -262,7 +269,7 @@ def _bnb_replaced(model: Any) -> set[str]:
     bitsandbytes (its import costs ~120 MiB): every module that is exactly ``nn.Linear`` or a ``Conv1D``,
     minus the quantizer's ``modules_to_not_convert`` (the output head and tied modules, and the model's
     ``_keep_in_fp32_modules``) as ``should_convert_module`` matches them (transformers 5.23,
-    ``integrations/bitsandbytes.replace_with_bnb_linear``). tests/test_export.py checks it against the
+    ``integrations/bitsandbytes.replace_with_bnb_linear``). tests/test_rounding.py checks it against the
     real replacement."""
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.base import HfQuantizer
@@ -314,6 +321,35 @@ def _peak_rss_bytes() -> int:
 
 
 # -- verification ---------------------------------------------------------------------------------------
+
+
+def verification_skipped(plan: Plan, verify: bool | None) -> str | None:
+    """Why verification will not run (``None``: it will). It loads the adapter model and then the export,
+    each in fp32 (about 4 bytes per parameter); by default it runs only when that fits in the memory
+    available now, so that a 70B export does not end in the out-of-memory killer."""
+    if verify is False:
+        return "--no-verify"
+    needed = verification_bytes(plan)
+    available = _available_memory_bytes()
+    if verify is None and available is not None and needed > VERIFY_MEMORY_SHARE * available:
+        return (
+            f"it loads the model twice in fp32 (~{_size(needed)}) and {_size(available)} of memory is available; "
+            "pass --verify to run it anyway"
+        )
+    return None
+
+
+def verification_bytes(plan: Plan) -> int:
+    """fp32 bytes of the larger of the two models verification loads (the export: every output tensor)."""
+    return sum(4 * math.prod(op.out.shape) for ops in plan.shards for op in ops)
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        import psutil  # accelerate's dependency
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
 
 
 def verify_export(
@@ -464,7 +500,7 @@ def model_card(summary: dict[str, Any]) -> str:
         f"- dtype: `{summary['dtype']}`; {summary['shards']} shard(s), {summary['total_bytes'] / 2**20:,.1f} MiB",
     ]
     if v is None:
-        lines.append("- verification: skipped")
+        lines.append(f"- verification: skipped ({summary.get('verification_skipped') or 'not run'})")
     else:
         lines.append(
             f"- verification: {'passed' if v['passed'] else 'FAILED'} against the {v['reference']} "

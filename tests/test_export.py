@@ -535,3 +535,19 @@ def test_interrupted_export_leaves_nothing_at_out(tmp_path, llama, llama_adapter
         export(adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == [adapter.name]
+
+
+def test_verification_is_skipped_and_says_why_when_it_would_not_fit(tmp_path, llama, llama_adapter, monkeypatch):
+    from qlora_kit import export as export_mod
+
+    adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
+    monkeypatch.setattr(export_mod, "_available_memory_bytes", lambda: 2**20)  # 1 MiB free
+    summary = export_mod.export(adapter, tmp_path / "out")
+    assert summary["verification"] is None
+    assert "pass --verify" in summary["verification_skipped"]
+    assert "verification: skipped (it loads the model twice" in (tmp_path / "out" / "README.md").read_text()
+    forced = export_mod.export(adapter, tmp_path / "forced", verify=True)  # asked for: runs regardless
+    assert forced["verification"]["passed"] and forced["verification_skipped"] is None
+    monkeypatch.setattr(export_mod, "_available_memory_bytes", lambda: 2**40)
+    roomy = export_mod.export(adapter, tmp_path / "roomy")
+    assert roomy["verification"]["passed"]

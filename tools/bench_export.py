@@ -130,12 +130,9 @@ def child(path: str, base: str, adapter: str, out: str, shard_size: str) -> None
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         model.save_pretrained(out, max_shard_size=shard_size)
     else:
-        import qlora_kit.train  # noqa: F401  (export imports it lazily)
         from qlora_kit.export import export
 
         into = "original" if path.endswith("original") else "dequantized"
-        if into == "dequantized":
-            import bitsandbytes.functional  # noqa: F401  (dequantized mode quantizes with it)
         if path.endswith("verify"):
             import peft  # noqa: F401
         print(f"IMPORTED {_rss_mib():.1f}")
