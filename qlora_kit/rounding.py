@@ -166,8 +166,8 @@ def roundtrip_4bit(
         pieces = []
         if min(hi, full) > lo:
             blocks = slice(lo // BLOCK, min(hi, full) // BLOCK)
-            raw = flat[lo : min(hi, full)].float().view(-1, BLOCK)
-            scaled = torch.clamp(raw * (1.0 / absmax[blocks].clamp(min=1e-38).view(-1, 1)), -1, 1)
+            raw = flat[lo : min(hi, full)].view(-1, BLOCK)  # 16-bit * fp32 computes in fp32: exact upcast
+            scaled = (raw * (1.0 / absmax[blocks].clamp(min=1e-38).view(-1, 1))).clamp_(-1, 1)
             pieces.append(
                 (code[torch.bucketize(scaled, bounds, out_int32=True)] * stored[blocks].view(-1, 1)).reshape(-1)
             )
@@ -175,7 +175,9 @@ def roundtrip_4bit(
             scaled = torch.clamp(flat[max(lo, full) : hi].float() / absmax[-1], -1, 1)
             pieces.append(code[torch.bucketize(scaled, bounds, out_int32=True)] * stored[-1])
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        yield first, out.to(dtype).float().view(last - first, cols)
+        if dtype != torch.float32:
+            out = out.to(dtype).float()
+        yield first, out.view(last - first, cols)
 
 
 def roundtrip_int8(weight: torch.Tensor) -> torch.Tensor:
