@@ -7,8 +7,10 @@ the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +119,131 @@ def check_fingerprint(metadata: dict[str, Any] | None, base_path: Path) -> None:
             f"from the one {METADATA_FILE} recorded)",
             f"pass --base with the model recorded in {METADATA_FILE} ({(metadata or {}).get('base_model')})",
         )
+
+
+# -- loading for inference (generate, eval) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedInfo:
+    """What :func:`load_for_inference` loaded: the base, how it is quantized, the adapter (if any)."""
+
+    base: str
+    quant: QuantSource
+    adapter: str | None = None
+    recipe: dict[str, Any] | None = None  # the training recipe, from qlora_kit.json
+
+
+def load_for_inference(
+    adapter: str | None = None,
+    model: str | None = None,
+    *,
+    base: str | None = None,
+    quant: str | None = None,
+    double_quant: bool | None = None,
+) -> tuple[Any, Any, LoadedInfo]:
+    """(model in eval mode, tokenizer, info) for an adapter on its base, or a plain/merged model.
+
+    An adapter's base is loaded the way training loaded it: ``load_base`` with the recorded
+    quantization, the same k-bit preparation, then ``PeftModel.from_pretrained``; int8 layers run the
+    forward training ran (see ``export._reference_model``). A plain model (``model``, e.g. a merged
+    export) is loaded unquantized in fp32 on the CPU (16-bit matmuls are slow there), as stored on a GPU.
+    """
+    import torch
+
+    from qlora_kit.lora import prepare
+    from qlora_kit.model import load_base, load_tokenizer
+    from qlora_kit.recipe import ModelSpec, QuantSpec
+
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    if (adapter is None) == (model is None):
+        raise UsageError("give exactly one of --adapter and --model", "--adapter DIR (a LoRA run) or --model DIR")
+    if model is not None:
+        if base or quant or double_quant is not None:
+            raise UsageError("--base/--quant/--double-quant go with --adapter", "leave them out with --model")
+        from qlora_kit.bundled import resolve
+
+        spec = ModelSpec(name=resolve(model))
+        _check_model_dir(spec.name)
+        plain = QuantSpec("none", False, _stored_dtype(Path(spec.name)) if device_map else "fp32")
+        loaded = load_base(spec, plain, device_map=device_map)
+        info = LoadedInfo(spec.name, QuantSource("none", False, plain.compute_dtype))
+        return _for_generation(loaded), load_tokenizer(spec), info
+    adapter_path = Path(adapter or "")
+    if not (adapter_path / "adapter_config.json").is_file():
+        what = "does not exist" if not adapter_path.exists() else "has no adapter_config.json"
+        raise UsageError(f"adapter directory {adapter_path} {what}", "pass the output_dir of a training run")
+    config = json.loads((adapter_path / "adapter_config.json").read_text())
+    metadata = read_metadata(adapter_path)
+    if metadata is None and quant is None:
+        raise UsageError(
+            f"{adapter_path} has no {METADATA_FILE} (not made by qlora-kit), so its base's quantization is unknown",
+            "pass --quant nf4|fp4|int8|none (and --double-quant/--no-double-quant for nf4/fp4)",
+        )
+    qsource = quant_source(metadata, quant, double_quant, None, "dequantized")
+    assert qsource is not None  # quant is known: from the metadata or the caller
+    base_path = resolve_base(base, metadata, Adapter(adapter_path, config, {}), adapter_path)
+    check_fingerprint(metadata, base_path)
+    # the recipe's quant section also holds k-bit preparation choices (which parameters go fp32)
+    recorded = ((metadata or {}).get("recipe") or {}).get("quant") or {}
+    known = {f.name for f in dataclasses.fields(QuantSpec)}
+    qspec = QuantSpec(
+        **{
+            **{k: v for k, v in recorded.items() if k in known},
+            "mode": qsource.mode,
+            "double_quant": qsource.double_quant,
+            "compute_dtype": qsource.compute_dtype or _stored_dtype(base_path),
+        }
+    )
+    loaded = prepare(load_base(ModelSpec(name=str(base_path)), qspec, device_map=device_map), qspec, False)
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(loaded, adapter_path)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        first = next((line for line in lines if "size mismatch" in line), lines[0])  # torch: header, then why
+        raise UsageError(
+            f"the adapter in {adapter_path} does not fit the base {base_path}: {first[:300]}",
+            "pass --base with the model the adapter was trained on",
+        ) from None
+    has_tokenizer = any((adapter_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(ModelSpec(name=str(adapter_path if has_tokenizer else base_path)))
+    info = LoadedInfo(
+        str(base_path),
+        QuantSource(qspec.mode, qspec.double_quant, qspec.compute_dtype),
+        str(adapter_path),
+        (metadata or {}).get("recipe"),
+    )
+    return _for_generation(peft_model), tokenizer, info
+
+
+def _stored_dtype(model_dir: Path) -> str:
+    """The checkpoint's float dtype name (what transformers 5 loads by default): fp16/bf16/fp32."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return {"float16": "fp16", "bfloat16": "bf16"}.get(stored, "fp32")
+
+
+def _check_model_dir(name: str) -> None:
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) and not path.is_dir():
+        raise UsageError(f"model directory {name} does not exist", "pass --model with a merged export's directory")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"{name} is not a model directory (no config.json)", "pass --model with a saved model")
+
+
+def _for_generation(model: Any) -> Any:
+    """Eval mode with the KV cache on (``load_base`` turns it off for training). On the CPU, LLM.int8
+    layers keep their training forward (dequantize + fp32 matmul), as export's verification does: the
+    eval forward also quantizes the activations (logits 7e-3 off the merged export on a tiny model)."""
+    import torch
+
+    model.eval()
+    if not torch.cuda.is_available():
+        for module in model.modules():
+            if type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes"):
+                module.train()
+    model.config.use_cache = True
+    return model

@@ -59,3 +59,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished `qlora-kit train` run of the CPU demo recipe (8 steps, NF4 double quant, fp32 compute,
+    5% held out): the adapter directory, with qlora_kit.json and its random-init base inside. Read-only."""
+    from test_train import Quiet, demo_recipe
+
+    from qlora_kit.train import train
+
+    run = tmp_path_factory.mktemp("demo-run") / "run"
+    train(demo_recipe(run, max_steps=8), Quiet())
+    return run
