@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qlora_kit.errors import UsageError
+
 STATE_FILE = "state.json"
 PREFIX = "step-"
 
@@ -55,16 +57,21 @@ def save(
     rng: dict[str, Any],
     state: dict[str, Any],
     keep: int,
+    model_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, then drop all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically, then drop all but the newest ``keep``.
+
+    ``model_state`` / ``optimizer_state``: full states gathered from a sharded (FSDP) run, written in
+    place of the model's and optimizer's own (``qlora_kit.distributed``)."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    model.save_pretrained(tmp, state_dict=model_state)
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng, tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
@@ -95,9 +102,14 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, An
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    optim = torch.load(path / "optimizer.pt", weights_only=False)
+    if any(isinstance(k, str) for k in optim.get("state", {})):  # keyed by parameter name: FSDP's
+        raise UsageError(
+            f"{path} was written by an FSDP run; a one-GPU or DDP run cannot resume it",
+            "resume with the strategy that wrote it (--set train.strategy=fsdp --gpus N)",
+        )
+    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    optimizer.load_state_dict(optim)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())

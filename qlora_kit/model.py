@@ -54,8 +54,13 @@ def _check_local(name: str) -> None:
         raise UsageError(f"model directory {name} does not exist", "check model.name")
 
 
-def load_base(model: ModelSpec, quant: QuantSpec, attn: str = "sdpa", device_map: Any = None) -> PreTrainedModel:
-    """Load the base model quantized as the spec says, with ``use_cache`` off for training."""
+def load_base(
+    model: ModelSpec, quant: QuantSpec, attn: str = "sdpa", device_map: Any = None, quant_storage: str | None = None
+) -> PreTrainedModel:
+    """Load the base model quantized as the spec says, with ``use_cache`` off for training.
+
+    ``quant_storage`` packs 4-bit codes into that float dtype instead of uint8, so FSDP can shard them
+    (``qlora_kit.distributed``); the packed bytes are the same."""
     from transformers import AutoModelForCausalLM
 
     _check_local(model.name)
@@ -68,6 +73,8 @@ def load_base(model: ModelSpec, quant: QuantSpec, attn: str = "sdpa", device_map
     }
     config = bnb_config(quant)
     if config is not None:
+        if quant_storage is not None and config.load_in_4bit:
+            config.bnb_4bit_quant_storage = torch_dtype(quant_storage)
         kwargs["quantization_config"] = config
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -1,0 +1,153 @@
+"""The per-GPU planner next to published multi-GPU QLoRA/LoRA measurements, as a markdown table.
+
+    python tools/published_multigpu.py            # print the table
+    python tools/published_multigpu.py --write    # refresh it in README.md (between the markers)
+    python tools/published_multigpu.py --check    # exit 1 if README.md's table is stale
+
+Rows, exact settings and sources: qlora_kit/data/published_multigpu.csv. Each row is predicted with
+``qlora_kit.multigpu.per_gpu`` in the row's own quantity and unit, with the knobs its implementation
+used (below), so the error is the model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import statistics
+import sys
+from importlib import resources
+from pathlib import Path
+
+from qlora_kit.catalog import lookup
+from qlora_kit.knobs import TrainSetup
+from qlora_kit.memory import Estimate
+from qlora_kit.multigpu import per_gpu
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- multigpu:start -->", "<!-- multigpu:end -->"
+UNITS = {"GB": 1e9, "GiB": float(1 << 30)}
+WEIGHTS = {"nf4": ("nf4", False), "nf4-dq": ("nf4", True), "bf16": ("none", False)}
+LORA_TERMS = ("lora_params", "lora_grads", "optimizer_state")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    row_id: str
+    model: str
+    setting: str
+    quantity: str
+    unit: str
+    measured: float
+    predicted: float
+
+    @property
+    def error(self) -> float:
+        return (self.predicted - self.measured) / self.measured
+
+
+def rows() -> list[dict[str, str]]:
+    text = resources.files("qlora_kit").joinpath("data/published_multigpu.csv").read_text()
+    return list(csv.DictReader(text.splitlines()))
+
+
+def row_setup(row: dict[str, str]) -> TrainSetup:
+    """The knobs of a published run. Both stacks keep the unquantized parameters in bf16 (peft's
+    sharded-QLoRA path and Answer.AI's script skip k-bit preparation's fp32 upcast): ``upcast="none"``."""
+    quant, dq = WEIGHTS[row["weights"]]
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    if row["lora_targets"] != "all-linear":
+        targets = tuple(row["lora_targets"].split(","))
+    return TrainSetup(
+        quant=quant,
+        double_quant=dq,
+        dtype="bf16",
+        rank=int(row["lora_rank"]),
+        targets=targets,
+        optimizer=row["optimizer"],
+        batch_size=int(row["micro_batch"]),
+        seq_len=int(row["seq_len"]),
+        grad_ckpt=row["grad_ckpt"] == "on",
+        lora_dropout=0.1,
+        upcast="none",
+    )
+
+
+def predict(row: dict[str, str]) -> float:
+    est = per_gpu(lookup(row["model"]), row_setup(row), int(row["gpus"]), row["strategy"])
+    b = dict(est.breakdown)
+    adjust = 0
+    if row["lora_dtype"] == "bf16":  # Answer.AI's "bf16" precision: LoRA weights, grads and Adam state in bf16
+        adjust -= sum(b[k] for k in LORA_TERMS) // 2
+    if "NO_SHARD" in row["implementation"]:  # FSDP's NO_SHARD has no DistributedDataParallel buckets
+        adjust -= b.get("ddp_buckets", 0)
+    return _quantity(est, row["quantity"], adjust) / UNITS[row["unit"]]
+
+
+def _quantity(est: Estimate, quantity: str, adjust: int) -> int:
+    if quantity == "max_memory_allocated":
+        return est.peak_allocated_bytes + adjust
+    if quantity == "max_memory_reserved":
+        return est.peak_reserved_bytes + adjust
+    if quantity == "device":
+        return est.device_bytes + adjust
+    if quantity == "host":
+        return est.host_bytes
+    raise ValueError(f"unknown quantity {quantity!r}")
+
+
+def compare() -> list[Row]:
+    out = []
+    for r in rows():
+        setting = (
+            f"{r['gpus']}x {r['strategy']}, {r['weights']}, r={r['lora_rank']}, b={r['micro_batch']}/GPU, "
+            f"seq={r['seq_len']}, {r['gpu']}"
+        )
+        out.append(Row(r["id"], r["model"], setting, r["quantity"], r["unit"], float(r["measured"]), predict(r)))
+    return out
+
+
+def table() -> str:
+    found = compare()
+    lines = [
+        "| id | model | setting | quantity | measured | planner | error |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for r in found:
+        lines.append(
+            f"| {r.row_id} | {r.model} | {r.setting} | {r.quantity} | {r.measured:g} {r.unit} | "
+            f"{r.predicted:.2f} {r.unit} | {r.error:+.1%} |"
+        )
+    median = statistics.median(abs(r.error) for r in found)
+    lines.append(f"\nMedian absolute error over {len(found)} rows: **{median:.1%}**.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true")
+    group.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    text = table()
+    if not (args.write or args.check):
+        print(text)
+        return 0
+    readme = README.read_text()
+    if START not in readme:
+        print(f"README.md has no {START} marker")
+        return 1
+    head, _, rest = readme.partition(START)
+    _, _, tail = rest.partition(END)
+    fresh = f"{head}{START}\n{text}\n{END}{tail}"
+    if args.check:
+        if fresh != readme:
+            print("README.md's multi-GPU table is stale: run tools/published_multigpu.py --write")
+            return 1
+        return 0
+    README.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
