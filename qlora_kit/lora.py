@@ -24,12 +24,17 @@ def target_modules(spec: LoraSpec, model_type: str) -> str | list[str]:
     return [targets] if isinstance(targets, str) else list(targets)
 
 
-def prepare(model: Any, quant: QuantSpec, grad_ckpt: bool) -> Any:
+def prepare(model: Any, quant: QuantSpec, grad_ckpt: bool, offload_ckpt: bool = False) -> Any:
     """Freeze the base; for a quantized base run peft's k-bit preparation (fp32 upcast of the
-    unquantized parameters); turn on non-reentrant gradient checkpointing when asked."""
+    unquantized parameters; ``quant.upcast: selective``: of the LayerNorms only, ``qlora_kit.savers``); turn on
+    non-reentrant gradient checkpointing when asked, its saved inputs in host memory with ``offload_ckpt``."""
     from peft import prepare_model_for_kbit_training
 
+    from qlora_kit import savers
+
     ckpt_kwargs = {"use_reentrant": False}
+    if quant.mode != "none" and quant.upcast == "selective":
+        return savers.prepare_selective(model, grad_ckpt, offload_ckpt)
     if quant.mode != "none":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=grad_ckpt, gradient_checkpointing_kwargs=ckpt_kwargs
@@ -40,11 +45,15 @@ def prepare(model: Any, quant: QuantSpec, grad_ckpt: bool) -> Any:
         if grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
             model.enable_input_require_grads()
+    if grad_ckpt and offload_ckpt:
+        savers.enable_checkpointing(model, offload=True)
     return model
 
 
 def apply_lora(model: Any, spec: LoraSpec) -> Any:
-    """Wrap the (prepared) base in a peft ``PeftModel`` with LoRA adapters."""
+    """Wrap the (prepared) base in a peft ``PeftModel`` with LoRA adapters; LoRA-FA freezes every
+    ``lora_A`` at its initialization; the ``runlora`` kernel switches the LoRA linears to
+    :mod:`qlora_kit.runlora`'s order-choosing forward (same parameters, same saved adapter)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -55,4 +64,23 @@ def apply_lora(model: Any, spec: LoraSpec) -> Any:
         bias=spec.bias,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if spec.variant == "lora-fa":
+        freeze_lora_a(model)
+    if spec.kernel == "runlora":
+        from qlora_kit import runlora
+
+        runlora.install(model)
+    return model
+
+
+def freeze_lora_a(model: Any) -> int:
+    """LoRA-FA: A stays at its random initialization, only B trains; autograd then keeps no layer input
+    for A's gradient. (peft's ``create_lorafa_optimizer`` freezes A the same way and adds a projected
+    AdamW for B; qlora-kit keeps the recipe's optimizer, which sees B only.) Returns the frozen count."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
