@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from qlora_kit.blocks import LAYER, LN_FINAL, MLP, ROPE
 from qlora_kit.catalog import ArchSpec
-from qlora_kit.knobs import TrainSetup
+from qlora_kit.knobs import LOSS_CHUNK_TOKENS, TrainSetup
 from qlora_kit.saved import Acc, Ctx, Dims, Opts
 
 # model_type -> the block model that describes it. Families marked approximate were not measured:
@@ -107,13 +107,17 @@ def _config_float(arch: ArchSpec, key: str, default: float) -> float:
 def opts_for(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> Opts:
     """The block model's options for a setup, on the device the step runs on."""
     kbit = setup.quant != "none" and setup.upcast == "all"
+    # the selective upcast (qlora_kit.savers) keeps the step 16-bit and still trains under autocast
+    selective = setup.quant != "none" and setup.upcast == "selective"
     targets = tuple(name for t in setup.targets for name in UNFUSED.get(t, (t,)))
     (ak, ad), (rk, rd), (ek, ed) = DROPOUTS.get(FAMILY.get(arch.model_type, ""), (("", 0.0),) * 3)
     return Opts(
         dtype=setup.dtype,
         quant=setup.quant,
         kbit_prep=kbit,
-        autocast=kbit and setup.dtype != "fp32",
+        autocast=(kbit or selective) and setup.dtype != "fp32",
+        ln_fp32=selective,
+        loss_chunk=loss_rows(setup) if setup.chunked_loss else 0,
         attn="eager" if family_of(arch) in EAGER_ONLY else setup.attn,
         device=device,
         mask="pad" if setup.padded else "none",
@@ -124,6 +128,9 @@ def opts_for(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> Opts:
         attn_dropout=_config_float(arch, ak, ad),
         resid_dropout=_config_float(arch, rk, rd),
         embd_dropout=_config_float(arch, ek, ed),
+        lora_fa=setup.lora_fa,
+        runlora=setup.runlora,
+        runlora_all=setup.runlora and setup.lora_dropout == 0 and set(targets) >= set(arch.linear_names()),
     )
 
 
@@ -178,6 +185,11 @@ def nonlayer(c: Ctx) -> Acc:
         c.rmsnorm(acc, "final_norm", True, gemma=f == "gemma2")
     if c.ac and c.e_np == FP32:  # autocast keeps a bf16 copy of the fp32 (upcast) head weight
         acc.add("lm_head.weight_bf16_copy", d.V * d.h * 2)
+    if o.loss_chunk:  # chunked loss (qlora_kit.savers): its checkpointed chunks keep their inputs only
+        acc.add("loss.chunked.hidden", bs * d.h * c.e_h)
+        acc.add("loss.chunked.labels_int64", bs * 8)
+        acc.add("loss.chunked.count_int64", 8)  # the mean's divisor
+        return acc
     e_logits = 2 if c.ac else c.e_np
     if f == "gemma2":  # final logit softcapping keeps its tanh
         acc.add("logits_softcap_tanh", bs * d.V * e_logits)
@@ -195,18 +207,20 @@ def saved_bytes(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> dict
     """Everything autograd keeps for backward after the forward pass, block by block.
 
     Returns ``layers`` (one dict of named pieces per block), ``nonlayer``, ``recompute`` (one block
-    recomputed under checkpointing) and ``total``. Under checkpointing a block keeps its input (and LLM.int8's
-    ``ctx`` inputs, which checkpointing does not drop).
+    recomputed under checkpointing), ``total`` and ``offloaded``. Under checkpointing a block keeps its input
+    (and LLM.int8's ``ctx`` inputs, which checkpointing does not drop); with ``offload_ckpt`` the inputs are
+    packed to host memory (``qlora_kit.savers``): ``offloaded``, not in ``total``.
     """
     c = _ctx(arch, setup, device)
     d = c.d
     full = LAYER[c.f](c, True)  # a block whose input requires grad
     first = full if c.input_grads else LAYER[c.f](c, False)  # the first block, fed by the embedding
     layers = []
+    offload = setup.grad_ckpt and setup.offload_ckpt
     for i in range(d.L):
         acc = first if i == 0 else full
         if setup.grad_ckpt:
-            piece = {"checkpoint.layer_input": d.b * d.s * d.h * c.e_h}
+            piece = {} if offload else {"checkpoint.layer_input": d.b * d.s * d.h * c.e_h}
             kept = _kept_inputs(arch, setup, c, full, True)
         else:
             piece, kept = dict(acc.p), _kept_inputs(arch, setup, c, acc, False)
@@ -217,13 +231,20 @@ def saved_bytes(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> dict
         recompute["quant.kept_inputs"] = _older_stack_kept_inputs(arch, setup, c)
     nl = nonlayer(c).p
     total = sum(sum(p.values()) for p in layers) + sum(nl.values())
-    return {"layers": layers, "nonlayer": nl, "recompute": recompute, "total": total}
+    offloaded = d.L * d.b * d.s * d.h * c.e_h if offload else 0
+    return {"layers": layers, "nonlayer": nl, "recompute": recompute, "total": total, "offloaded": offloaded}
+
+
+def loss_rows(setup: TrainSetup) -> int:
+    """Rows of logits alive at once: every token's, or one chunk's with the chunked loss."""
+    return min(LOSS_CHUNK_TOKENS, setup.tokens) if setup.chunked_loss else setup.tokens
 
 
 def logits_grad_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
     """At the start of backward: nll_loss's gradient and log_softmax's input gradient, fp32, b x s x vocab
-    (plus logits the training loop still holds, ``TrainSetup.held_logits_bytes`` each)."""
-    return (2 * FP32 + setup.held_logits_bytes) * arch.vocab_size * setup.tokens
+    (plus logits the training loop still holds, ``TrainSetup.held_logits_bytes`` each); with the chunked
+    loss, of one chunk's rows (its recomputation also makes the chunk's log-softmax again)."""
+    return (2 * FP32 + setup.held_logits_bytes) * arch.vocab_size * loss_rows(setup)
 
 
 def transient_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
@@ -265,12 +286,19 @@ class _Step:
         layers: list[dict[str, int]] = saved["layers"]  # type: ignore[assignment]
         self.rec: dict[str, int] = saved["recompute"]  # type: ignore[assignment]
         self.blocks = sum(sum(p.values()) for p in layers)
+        # offloaded checkpoint inputs: in the same memory on a CPU; on a GPU in host memory, but the block
+        # being recomputed has its input copied back
+        offloaded: int = saved["offloaded"]  # type: ignore[assignment]
+        self.blocks += offloaded if device == "cpu" else 0
+        self.copied_back = offloaded // d.L if offloaded and device != "cpu" else 0
         head = sum(v for k, v in self.nl.items() if k.startswith(HEAD))
         self.pre = sum(self.nl.values()) - head  # embedding-side pieces and rotary tables
         self.shape = MLP[c.f]
         self.last = LAYER[c.f](c, c.input_grads or d.L > 1)  # the last block as the forward leaves it
         self.transient = transient_bytes(arch, setup) if c.quant else 0
-        self.int8 = setup.quant == "int8" and not setup.kbit_kept_inputs and c.quant
+        # chunked loss: the hidden state's gradient, summed over the chunks' backward
+        self.chunk_grad = self.bs * d.h * c.e_h if setup.chunked_loss else 0
+        self.int8 = setup.quant == "int8" and not setup.kbit_kept_inputs and c.quant and not c.o.runlora_all
         # the block's LLM.int8 ctx inputs (alive until the graph is freed after backward)
         self.kept = {k for k, (_, rg) in self.last.quant_inputs.items() if rg} if self.int8 else set()
         self.e_m, self.inter = c.e_m, d.inter
@@ -292,6 +320,9 @@ class _Step:
         # what of it is still alive when lora_A's backward runs (lora_B's inputs and what follows are done)
         branch = f"lora.{self.shape.last}."
         self.lora_a_live = sum(v for k, v in self.rec.items() if k.startswith(branch) and ".B_" not in k)
+        # LoRA-FA keeps no dropout output, but dropout's backward makes a gradient of its size
+        self.fa_drop = self.bs * d.inter * (2 if c.ac else FP32) if c.o.lora_fa and c.p > 0 and self.lora_last else 0
+        self.lora_a_live += self.fa_drop
         # the MLP's backward: its elementwise part (act(gate) * up: three intermediate-wide tensors, act(fc1):
         # two) or its output linear's (the input gradient; its LoRA branch's, waiting to be summed; the
         # output and input gradients in the compute dtype of a quantized matmul)
@@ -351,7 +382,13 @@ class _Step:
     def backward_start(self) -> Moment:
         """Every saved tensor, the loss's log-softmax, and the two fp32 b x s x vocab gradients of
         nll_loss and log_softmax (plus logits the loop still holds)."""
-        lsm = self.nl["loss.log_softmax_fp32"]
+        lsm = self.nl.get("loss.log_softmax_fp32", 0)
+        if self.setup.chunked_loss:  # the last chunk recomputes its log-softmax; the hidden state's gradient
+            return {
+                "activations": self.blocks + sum(self.nl.values()) + self.checkpoint_held() + self.chunk_grad,
+                "logits_loss": loss_rows(self.setup) * self.d.V * FP32 + logits_grad_bytes(self.arch, self.setup),
+                "transient": 0,
+            }
         return {
             "activations": self.blocks + sum(self.nl.values()) - lsm + self.checkpoint_held(),
             "logits_loss": lsm + logits_grad_bytes(self.arch, self.setup),
@@ -402,7 +439,7 @@ class _Step:
         c, d, shape, bs = self.c, self.d, self.shape, self.bs
         moments: dict[str, Moment] = {}
         rng = CPU_RNG_STATE_BYTES if self.device == "cpu" else 0  # one more while recomputing
-        common = self.blocks + self.pre + self.checkpoint_held() + self.grad_out
+        common = self.blocks + self.pre + self.checkpoint_held() + self.grad_out + self.copied_back
         # the recomputed block; its first norm saves the block's input itself (the checkpointed tensor)
         dup = bs * d.h * c.e_h if c.f in LN_FINAL or c.e_h == FP32 else 0
         recomputed = sum(self.rec.values()) - dup - self.tail
@@ -435,8 +472,8 @@ class _Step:
                 leftovers += bs * self.inter * self.e_m
             if self.lora_last:
                 leftovers += bs * d.h * (2 if c.ac else FP32)
-                if c.ac and c.p > 0:  # its dropout's output, of which lora_A saved a 16-bit copy
-                    leftovers += bs * self.inter * FP32
+                if (c.ac or c.o.lora_fa) and c.p > 0:  # its dropout's output, of which lora_A saved a 16-bit
+                    leftovers += bs * self.inter * FP32  # copy (autocast) or nothing (LoRA-FA)
             moments["backward, recomputed the last block"] = {
                 "activations": common + recomputed + self.tail + rng + rec_kept + leftovers
             }

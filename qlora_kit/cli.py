@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from qlora_kit import __version__
 from qlora_kit.errors import QloraKitError, UsageError
@@ -54,6 +55,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", choices=ATTNS, default="sdpa")
     p.add_argument("--dtype", choices=list(DTYPES))
     p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--gpus", type=int, help="GPUs available (default 1); figures are per GPU, the fewest that fit win")
+    p.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-offload"], help="multi-GPU strategy (default: searched)")
+    p.add_argument("--lora-fa", action="store_true", help="LoRA-FA: lora_A frozen at init, only lora_B trained")
+    p.add_argument("--kernel", choices=["peft", "runlora"], default="peft", help="LoRA layer implementation")
+    p.add_argument("--upcast", choices=["all", "selective"], default="all", help="k-bit prep: fp32 upcast of")
+    p.add_argument("--chunked-loss", action="store_true", help="head + loss in chunks: never the full logits")
+    p.add_argument("--offload-ckpt", action="store_true", help="gradient checkpoints' inputs in host memory")
+    p.add_argument("--sweep", metavar="KNOB=V1,V2", help="one plan per value side by side (e.g. rank=4,8,16,32,64)")
     p.add_argument("--json", action="store_true", help="print one JSON object (schema: docs/planner.md)")
     p.add_argument("--write-recipe", metavar="PATH", help="write the recipe `qlora-kit train` runs")
     p.add_argument("--data", help="dataset for the written recipe (default: the bundled quotes)")
@@ -65,6 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     t.add_argument("--force", action="store_true", help="train even if the plan does not fit; overwrite a previous run")
+    t.add_argument("--gpus", type=int, help="train on N GPUs of this machine (relaunches under torchrun; train.gpus)")
+    t.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-offload"], help="how N GPUs share the model")
 
     e = sub.add_parser(
         "export",
@@ -83,13 +94,60 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized")
     e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     e.add_argument("--max-shard-size", default="5GB")
-    e.add_argument("--no-verify", action="store_true", help="skip the logits check against the adapter model")
+    e.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compare logits with the adapter model (default: when both fit in available memory)",
+    )
     e.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     e.add_argument("--allow-pickle", action="store_true", help="read pickle .bin base checkpoints (unsafe)")
+
+    g = sub.add_parser(
+        "generate",
+        help="complete a prompt with an adapter (or a merged model), streaming the text",
+        description="Load the base as training did plus the adapter (or a merged export) and complete a prompt.",
+    )
+    _model_args(g)
+    g.add_argument("--prompt", help="the text to complete")
+    g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--compare-base", action="store_true", help="also print the base model's completion")
+    g.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="use the tokenizer's chat template (default: if trained on chat data or a chat/instruct model)",
+    )
+
+    v = sub.add_parser(
+        "eval",
+        help="loss and perplexity of an adapter and its base on held-out data",
+        description="Loss and perplexity with the recipe's formatting and masking; the base's figures beside.",
+    )
+    _model_args(v)
+    v.add_argument("--data", help="data file or hub id (default: the adapter's training data, its held-out split)")
+    v.add_argument("--split", help="dataset split (default: the recipe's)")
+    v.add_argument("--recipe", help="score the data (and held-out split) of this recipe, e.g. for a merged --model")
+    v.add_argument("--max-samples", type=int, help="score the first N samples")
+    v.add_argument("--batch-size", type=int, help="micro-batch (default: the recipe's)")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("models", help="list the model catalog")
     sub.add_parser("gpus", help="list the GPU table")
     return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="adapter directory (from qlora-kit train, or plain peft)")
+    which.add_argument("--model", help="a merged export or any causal LM directory (plain transformers)")
+    p.add_argument("--base", help="base model path (default: from the adapter's metadata)")
+    p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], help="for plain peft adapters: the base's")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -134,11 +192,26 @@ def _plan(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             effective_batch=args.effective_batch,
             lora_dropout=args.lora_dropout,
+            lora_fa=args.lora_fa,
+            kernel=args.kernel,
+            upcast=args.upcast,
+            chunked_loss=args.chunked_loss,
+            offload_ckpt=args.offload_ckpt,
         )
         model_name, data = args.model, None
+    if args.gpus is not None or args.strategy:
+        import dataclasses
+
+        constraints = dataclasses.replace(
+            constraints,
+            gpus=constraints.gpus if args.gpus is None else args.gpus,
+            strategy=args.strategy or constraints.strategy,
+        )
     from qlora_kit.bundled import resolve
 
     arch = resolve_model(resolve(model_name))
+    if args.sweep:
+        return _sweep(args, arch, device, constraints)
     result = plan(arch, device, constraints)
     if args.write_recipe:
         if args.data:
@@ -162,6 +235,21 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if result.fits else 3
 
 
+def _sweep(args: argparse.Namespace, arch: Any, device: Any, constraints: Any) -> int:
+    from qlora_kit.sweep import parse_sweep, run_sweep, sweep_json
+
+    if args.write_recipe:
+        raise UsageError("--write-recipe writes one plan's recipe, --sweep makes several", "drop one of them")
+    result = run_sweep(arch, device, constraints, parse_sweep(args.sweep))
+    if args.json:
+        print(json.dumps(sweep_json(result), indent=2))
+    else:
+        from qlora_kit import ui
+
+        ui.render_sweep(result)
+    return 0 if any(p.fits for p in result.plans) else 3
+
+
 def _models(args: argparse.Namespace) -> int:
     from qlora_kit import ui
     from qlora_kit.catalog import catalog_names, lookup
@@ -180,10 +268,13 @@ def _gpus(args: argparse.Namespace) -> int:
 
 def quiet_libraries() -> None:
     """Our progress display replaces transformers' loading bars; its deprecation chatter is not the user's."""
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
 
+    # bitsandbytes warns on import that an optional CPU kernel package is missing, and on every int8 call
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -191,10 +282,15 @@ def quiet_libraries() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from qlora_kit import ui
+    from qlora_kit import distributed, ui
     from qlora_kit.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.set)
+    sets = [*args.set, *([f"train.gpus={args.gpus}"] if args.gpus is not None else [])]
+    sets += [f"train.strategy={args.strategy}"] if args.strategy else []
+    recipe = load_recipe(args.recipe, sets)
+    if recipe.train.gpus > 1 and distributed.launched_world() == 1:  # one process per GPU, each back here
+        argv = ["train", args.recipe, *[x for s in sets for x in ("--set", s)]]
+        return distributed.relaunch(recipe.train.gpus, argv + ["--resume"] * args.resume + ["--force"] * args.force)
     quiet_libraries()
     from qlora_kit.train import train
 
@@ -223,7 +319,7 @@ def _export(args: argparse.Namespace) -> int:
             merge_into=args.merge_into,
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
-            verify=not args.no_verify,
+            verify=args.verify,
             force=args.force,
             allow_pickle=args.allow_pickle,
             reporter=reporter,
@@ -234,7 +330,66 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plan": _plan, "train": _train, "export": _export, "models": _models, "gpus": _gpus}
+def _load(args: argparse.Namespace) -> tuple:
+    quiet_libraries()
+    from qlora_kit.adapters import load_for_inference
+
+    return load_for_inference(
+        args.adapter, args.model, base=args.base, quant=args.quant, double_quant=args.double_quant
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from qlora_kit import ui
+    from qlora_kit.generate import GenerateSpec, check_spec, compare, generate, prompt_ids, uses_chat_template
+
+    spec = GenerateSpec(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    check_spec(spec)
+    text = ui.read_prompt(args.prompt, args.prompt_file)
+    model, tokenizer, info = _load(args)
+    ids = prompt_ids(tokenizer, text, uses_chat_template(tokenizer, info, args.chat))
+    printer = ui.StreamPrinter(text)
+    if args.compare_base:
+        completions = compare(model, tokenizer, ids, spec, printer.labelled)
+    else:
+        label = "adapter" if info.adapter else "model"
+        printer.labelled(label, "")
+        completions = {label: generate(model, tokenizer, ids, spec, lambda piece: printer.labelled(label, piece))}
+    printer.finish(completions)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from qlora_kit import ui
+    from qlora_kit.scoring import check_counts, eval_data, score
+
+    check_counts(args.max_samples, args.batch_size)
+    recipe = None
+    if args.recipe:
+        from qlora_kit.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe).to_dict()
+    model, tokenizer, info = _load(args)
+
+    result = score(
+        model, tokenizer, info, eval_data(info, args.data, args.split, recipe), args.max_samples, args.batch_size
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        ui.render_scores(result)
+    return 0
+
+
+COMMANDS = {
+    "plan": _plan,
+    "train": _train,
+    "export": _export,
+    "generate": _generate,
+    "eval": _eval,
+    "models": _models,
+    "gpus": _gpus,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

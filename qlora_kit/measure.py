@@ -80,12 +80,19 @@ def save_random_model(
 
 
 def quant_spec(setup: TrainSetup) -> QuantSpec:
-    return QuantSpec(mode=setup.quant, double_quant=setup.double_quant, compute_dtype=setup.dtype)
+    upcast = "selective" if setup.upcast == "selective" else "all"
+    return QuantSpec(mode=setup.quant, double_quant=setup.double_quant, compute_dtype=setup.dtype, upcast=upcast)
 
 
 def lora_spec(setup: TrainSetup) -> LoraSpec:
     return LoraSpec(
-        rank=setup.rank, alpha=2 * setup.rank, dropout=setup.lora_dropout, targets=list(setup.targets), bias="none"
+        rank=setup.rank,
+        alpha=2 * setup.rank,
+        dropout=setup.lora_dropout,
+        targets=list(setup.targets),
+        bias="none",
+        variant="lora-fa" if setup.lora_fa else "lora",
+        kernel="runlora" if setup.runlora else "peft",
     )
 
 
@@ -97,7 +104,7 @@ def load_for_training(path: str | Path, setup: TrainSetup, device: str = "cpu") 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_base(ModelSpec(name=str(path)), quant, attn=setup.attn, device_map=device_map)
-        model = prepare(model, quant, setup.grad_ckpt)
+        model = prepare(model, quant, setup.grad_ckpt, setup.offload_ckpt)
         model = apply_lora(model, lora_spec(setup))
     model.train()
     return model
@@ -120,7 +127,7 @@ def make_optimizer(name: str, params: list[Any], lr: float = 1e-4) -> Any:
 def uses_autocast(setup: TrainSetup) -> bool:
     """A k-bit-prepared base runs its forward under autocast in a 16-bit compute dtype (what the planner
     assumes: ``activations.opts_for``); a 16-bit base runs in its own dtype."""
-    return setup.quant != "none" and setup.upcast == "all" and setup.dtype != "fp32"
+    return setup.quant != "none" and setup.upcast != "none" and setup.dtype != "fp32"
 
 
 def random_batch(vocab_size: int, setup: TrainSetup, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
@@ -130,14 +137,16 @@ def random_batch(vocab_size: int, setup: TrainSetup, device: str = "cpu", seed: 
     return {"input_ids": ids, "labels": ids}
 
 
-def forward_loss(model: Any, batch: Mapping[str, Any], autocast_dtype: torch.dtype | None, device: str) -> Any:
-    """The forward half of a step: the loss only (the outputs, logits included, are dropped here)."""
+def forward_loss(
+    model: Any, batch: Mapping[str, Any], autocast_dtype: torch.dtype | None, device: str, chunked: bool = False
+) -> Any:
+    """The forward half of a step: the loss only (the outputs, logits included, are dropped here);
+    ``chunked``: ``train.chunked_loss`` (``qlora_kit.savers.causal_lm_loss``)."""
+    from qlora_kit.savers import causal_lm_loss
+
     ctx = torch.autocast(device.split(":")[0], dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
-        out = model(**batch)
-    loss = out.loss
-    del out
-    return loss
+        return causal_lm_loss(model, batch, chunked)
 
 
 def train_step(
@@ -146,6 +155,7 @@ def train_step(
     optimizer: Any,
     autocast_dtype: torch.dtype | None,
     device: str,
+    chunked: bool = False,
 ) -> float:
     """One optimizer step as ``train`` runs it (``qlora_kit.train``): per micro-batch, forward (autocast
     for a k-bit base in 16-bit compute), loss, drop the outputs, backward (gradients accumulate); then
@@ -153,7 +163,7 @@ def train_step(
     ``zero_grad(set_to_none=True)``. Returns the mean loss."""
     total = 0.0
     for batch in batches:
-        loss = forward_loss(model, batch, autocast_dtype, device)
+        loss = forward_loss(model, batch, autocast_dtype, device, chunked)
         (loss / len(batches)).backward()
         total += float(loss.detach())
         del loss
@@ -305,14 +315,19 @@ def ctx_tensors(loss: Any) -> list[Any]:
 
 
 def forward_saved(
-    model: Any, batch: Mapping[str, Any], autocast_dtype: torch.dtype | None, device: str, persistent: list[Any]
+    model: Any,
+    batch: Mapping[str, Any],
+    autocast_dtype: torch.dtype | None,
+    device: str,
+    persistent: list[Any],
+    chunked: bool = False,
 ) -> tuple[Any, dict[int, int], dict[int, int]]:
     """A forward pass that records what it keeps for backward: (the loss, bytes per storage packed by the
     saved-tensor hooks, bytes per storage custom functions keep on ``ctx`` and nothing packs), leaving out
     the ``persistent`` tensors (parameters, buffers, quantization and optimizer state, the batch)."""
     exclude = {t.untyped_storage().data_ptr() for t in persistent}
     with saved_tensor_recorder(exclude) as recs:
-        loss = forward_loss(model, batch, autocast_dtype, device)
+        loss = forward_loss(model, batch, autocast_dtype, device, chunked)
     hooked = nbytes_by_storage(recs.values(), exclude)
     kept = nbytes_by_storage(ctx_tensors(loss), exclude | set(hooked))
     recs.clear()  # the records hold references: release them before backward
@@ -324,7 +339,7 @@ def saved_after_forward(model: Any, setup: TrainSetup, vocab_size: int, device: 
     batch = random_batch(vocab_size, setup, device, seed)
     ac = torch_dtype(setup.dtype) if uses_autocast(setup) else None
     persistent = [*model.parameters(), *model.buffers(), *quant_state_tensors(model), *batch.values()]
-    loss, hooked, kept = forward_saved(model, batch, ac, device, persistent)
+    loss, hooked, kept = forward_saved(model, batch, ac, device, persistent, setup.chunked_loss)
     del loss
     return sum(hooked.values()) + sum(kept.values())
 
@@ -437,13 +452,14 @@ def measure_model(
 
     # step 1: saved tensors (first micro-batch), gradients, optimizer state
     batches = micro_batches()
-    loss, hooked, kept = forward_saved(model, batches[0], ac, device, persistent_tensors(model, optimizer, batches[0]))
+    persistent = persistent_tensors(model, optimizer, batches[0])
+    loss, hooked, kept = forward_saved(model, batches[0], ac, device, persistent, setup.chunked_loss)
     (loss / grad_accum).backward()
     terms["lora_grads"] = storage_bytes(p.grad for p in trainable)
     losses = [float(loss.detach())]
     del loss
     for batch in batches[1:]:
-        loss = forward_loss(model, batch, ac, device)
+        loss = forward_loss(model, batch, ac, device, setup.chunked_loss)
         (loss / grad_accum).backward()
         del loss
     torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
@@ -451,13 +467,13 @@ def measure_model(
     terms["optimizer_state"] = storage_bytes(optimizer_tensors(optimizer))
 
     for _ in range(1, steps - 1):
-        losses.append(train_step(model, micro_batches(), optimizer, ac, device))
+        losses.append(train_step(model, micro_batches(), optimizer, ac, device, setup.chunked_loss))
 
     batches = micro_batches()
     result: list[float] = []
 
     def step() -> None:
-        result.append(train_step(model, batches, optimizer, ac, device))
+        result.append(train_step(model, batches, optimizer, ac, device, setup.chunked_loss))
 
     t0 = time.perf_counter()
     if dev == "cuda":

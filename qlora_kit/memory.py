@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qlora_kit.activations import activation_peak_terms
+from qlora_kit.activations import activation_peak_terms, saved_bytes
 from qlora_kit.catalog import ArchSpec, LinearSpec
 from qlora_kit.knobs import TrainSetup
 
@@ -57,6 +57,7 @@ class Estimate:
     peak_reserved_bytes: int
     device_bytes: int
     paged_bytes: int  # optimizer state in CUDA unified memory: may spill to host RAM
+    host_bytes: int = 0  # checkpointed layers' inputs offloaded to host memory (``offload_ckpt``)
     breakdown: dict[str, int] = field(default_factory=dict)
 
 
@@ -117,10 +118,14 @@ def other_param_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
 
     They load in ``dtype``; with a quantized base, peft's ``prepare_model_for_kbit_training`` casts
     every fp16/bf16 parameter that is not ``Params4bit`` to fp32 (peft/utils/other.py), unless the
-    setup keeps them (``upcast="none"``).
+    setup keeps them (``upcast="none"``); the selective upcast (``qlora_kit.savers``) casts the
+    ``nn.LayerNorm`` parameters only (the "layernorm" families' norms; RMSNorms stay 16-bit).
     """
     numel = arch.num_params - sum(s.weight_numel for s in _quantized(arch))
     upcast = setup.quant != "none" and setup.upcast == "all"
+    if setup.quant != "none" and setup.upcast == "selective" and arch.norm_kind == "layernorm":
+        norm = arch.param_groups()["norm"]
+        return norm * 4 + (numel - norm) * setup.dtype_bytes
     return numel * (4 if upcast else setup.dtype_bytes)
 
 
@@ -142,9 +147,15 @@ def lora_param_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
     return sum(lora_tensor_sizes(arch, setup)) * 4
 
 
+def trained_lora_sizes(arch: ArchSpec, setup: TrainSetup) -> list[int]:
+    """Element counts of the LoRA tensors that train: all of them, or only every B under LoRA-FA."""
+    sizes = lora_tensor_sizes(arch, setup)
+    return sizes[1::2] if setup.lora_fa else sizes
+
+
 def lora_grad_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
-    """Gradients of the LoRA parameters, one fp32 value each (the frozen base has none)."""
-    return lora_param_bytes(arch, setup)
+    """Gradients of the trained LoRA parameters, one fp32 value each (the frozen base has none)."""
+    return sum(trained_lora_sizes(arch, setup)) * 4
 
 
 def optimizer_state_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
@@ -156,7 +167,7 @@ def optimizer_state_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
     state; the two 256-entry fp32 maps are shared (bitsandbytes/optim/optimizer.py). Paged variants
     hold the same bytes in CUDA unified memory.
     """
-    sizes = lora_tensor_sizes(arch, setup)
+    sizes = trained_lora_sizes(arch, setup)
     if not setup.optimizer.endswith("8bit"):
         return sum(sizes) * 8
     total = OPT8_QMAP_BYTES if any(n >= MIN_8BIT_SIZE for n in sizes) else 0
@@ -166,6 +177,12 @@ def optimizer_state_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
         else:
             total += n * 8
     return total
+
+
+def offloaded_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
+    """Host memory the offloaded checkpoints take: every checkpointed layer's input (``qlora_kit.savers``)."""
+    offloaded: int = saved_bytes(arch, setup)["offloaded"]  # type: ignore[assignment]
+    return offloaded
 
 
 def estimate(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> Estimate:
@@ -198,5 +215,6 @@ def estimate(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> Estimat
         peak_reserved_bytes=reserved,
         device_bytes=reserved + breakdown["cuda_context"],
         paged_bytes=opt if setup.paged else 0,
+        host_bytes=offloaded_bytes(arch, setup) if cuda else 0,
         breakdown=breakdown,
     )

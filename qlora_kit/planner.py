@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
+from qlora_kit import multigpu
 from qlora_kit.catalog import DEFAULT_TARGETS, ArchSpec
 from qlora_kit.devices import GIB, DeviceSpec, gpu_table
 from qlora_kit.errors import UsageError
-from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, TrainSetup
-from qlora_kit.memory import Estimate, estimate
+from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, UPCASTS, TrainSetup
+from qlora_kit.memory import Estimate
 
 HEADROOM = 0.05
 ALL_LINEAR = "all-linear"
@@ -47,6 +49,13 @@ class Constraints:
     dtype: str | None = None
     effective_batch: int = 16
     lora_dropout: float = 0.05
+    lora_fa: bool = False
+    kernel: str = "peft"  # peft | runlora
+    upcast: str = "all"  # all | selective (qlora_kit.savers)
+    chunked_loss: bool = False
+    offload_ckpt: bool = False  # needs grad_ckpt
+    gpus: int = 1  # GPUs available; the search prefers the fewest that fit (qlora_kit.multigpu)
+    strategy: str | None = None  # ddp | fsdp | fsdp-offload; None: searched
 
 
 @dataclass(frozen=True)
@@ -54,8 +63,10 @@ class Candidate:
     setup: TrainSetup
     grad_accum: int
     targets_label: str
-    estimate: Estimate
+    estimate: Estimate  # per GPU
     fits: bool
+    gpus: int = 1
+    strategy: str = "ddp"
 
     def choice(self) -> dict[str, object]:
         s = self.setup
@@ -99,6 +110,10 @@ def _gib(n: float) -> str:
 
 def _validate(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> None:
     problems: list[str] = []
+    if c.gpus < 1:
+        problems.append(f"--gpus must be a positive integer, got {c.gpus}")
+    if c.strategy is not None and c.strategy not in multigpu.STRATEGIES:
+        problems.append(f"--strategy must be one of {', '.join(multigpu.STRATEGIES)}")
     if c.quant is not None and c.quant not in QUANTS:
         problems.append(f"--quant must be one of auto, {', '.join(QUANTS)}")
     if c.optimizer is not None and c.optimizer not in OPTIMIZERS:
@@ -123,6 +138,10 @@ def _validate(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> None:
         problems.append(f"{device.name} has no bf16 support; use --dtype fp16")
     if not 0 <= c.lora_dropout < 1:
         problems.append("--lora-dropout must be in [0, 1)")
+    if c.upcast not in UPCASTS:
+        problems.append(f"--upcast must be one of {', '.join(UPCASTS)}")
+    if c.offload_ckpt and c.grad_ckpt is False:
+        problems.append("--offload-ckpt offloads gradient checkpoints: it needs --grad-ckpt")
     if problems:
         raise UsageError("; ".join(problems), "see `qlora-kit plan --help`")
 
@@ -150,13 +169,13 @@ def default_seq_len(arch: ArchSpec) -> int:
 
 def _options(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> dict[str, list[object]]:
     """Every knob's candidate values, best first (the module docstring's order)."""
-    quants: list[object] = [c.quant] if c.quant else ["none", "nf4"]
+    quants = [c.quant] if c.quant else ["none", "nf4"]
     target_specs: list[object] = [c.targets] if c.targets else [ALL_LINEAR, "default"]
     largest = min(MAX_MICRO_BATCH, c.effective_batch)
     batches = [c.batch_size] if c.batch_size else [b for b in (16, 8, 4, 2, 1) if b <= largest] or [1]
     return {
-        "quant": quants,
-        "grad_ckpt": [c.grad_ckpt] if c.grad_ckpt is not None else [False, True],
+        "base": list(multigpu.bases(c.gpus, c.strategy, quants)),  # (GPUs, strategy, quant): fewest GPUs first
+        "grad_ckpt": [c.grad_ckpt] if c.grad_ckpt is not None else [True] if c.offload_ckpt else [False, True],
         "targets": target_specs,
         "batch_size": list(batches),
         "optimizer": [c.optimizer] if c.optimizer else ["adamw", "paged_adamw", "paged_adamw8bit"],
@@ -164,7 +183,7 @@ def _options(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> dict[str, li
 
 
 def _candidate(arch: ArchSpec, c: Constraints, device: DeviceSpec, knobs: dict[str, object]) -> Candidate:
-    quant = str(knobs["quant"])
+    gpus, strategy, quant = cast(tuple[int, str, str], knobs["base"])
     double_quant = quant in ("nf4", "fp4") and (c.double_quant if c.double_quant is not None else True)
     label, names = resolve_targets(arch, knobs["targets"])  # type: ignore[arg-type]
     batch = int(knobs["batch_size"])  # type: ignore[call-overload]
@@ -180,11 +199,16 @@ def _candidate(arch: ArchSpec, c: Constraints, device: DeviceSpec, knobs: dict[s
         grad_ckpt=bool(knobs["grad_ckpt"]),
         attn=c.attn,
         lora_dropout=c.lora_dropout,
+        lora_fa=c.lora_fa,
+        runlora=c.kernel == "runlora",
+        upcast=c.upcast,
+        chunked_loss=c.chunked_loss,
+        offload_ckpt=c.offload_ckpt,
     )
-    est = estimate(arch, setup)
-    return Candidate(
-        setup, max(1, math.ceil(c.effective_batch / batch)), label, est, est.device_bytes <= fit_limit(device)
-    )
+    est = multigpu.per_gpu(arch, setup, gpus, strategy)
+    # micro-batch per GPU: the GPUs together make up the effective batch
+    accum = max(1, math.ceil(c.effective_batch / (batch * gpus)))
+    return Candidate(setup, accum, label, est, est.device_bytes <= fit_limit(device), gpus, strategy)
 
 
 def candidates(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> list[Candidate]:
@@ -204,7 +228,8 @@ def plan(arch: ArchSpec, device: DeviceSpec, c: Constraints) -> Plan:
     if fitting:
         best = fitting[0]
         runners = _runners_up(best, fitting[1:])
-        return Plan(arch, device, best, True, runners, _reasons(arch, best, cands, device, c), [])
+        reasons = multigpu.reasons(best.estimate, c.gpus, best.gpus, best.strategy)
+        return Plan(arch, device, best, True, runners, reasons + _reasons(arch, best, cands, device, c), [])
     smallest = min(cands, key=lambda x: x.estimate.device_bytes)
     return Plan(
         arch, device, smallest, False, [], [], _notes(arch, smallest.setup) + _advice(arch, c, device, smallest)
@@ -245,8 +270,11 @@ def _reasons(arch: ArchSpec, best: Candidate, cands: list[Candidate], device: De
             f"{_gib(limit)} usable), so no quantization error"
         )
     else:
-        need = min((x.estimate.device_bytes for x in cands if x.setup.quant == "none"), default=0)
-        if c.quant is None:
+        same = [x for x in cands if (x.gpus, x.strategy) == (best.gpus, best.strategy)]
+        need = min((x.estimate.device_bytes for x in same if x.setup.quant == "none"), default=0)
+        if c.quant is None and best.gpus > 1 and best.strategy != "ddp":
+            reasons.append(f"{s.quant.upper()} base: sharded, QLoRA comes before a 16-bit base (4x the bytes to move)")
+        elif c.quant is None:
             reasons.append(
                 f"{s.quant.upper()}{' + double quant' if s.double_quant else ''} base: a 16-bit "
                 f"base needs at least {_gib(need)}, more than the {_gib(limit)} usable"
@@ -254,7 +282,11 @@ def _reasons(arch: ArchSpec, best: Candidate, cands: list[Candidate], device: De
         else:
             reasons.append(f"{s.quant} base: fixed by --quant")
     if s.grad_ckpt:
-        no_ckpt = [x.estimate.device_bytes for x in cands if x.setup.quant == s.quant and not x.setup.grad_ckpt]
+        no_ckpt = [
+            x.estimate.device_bytes
+            for x in cands
+            if x.setup.quant == s.quant and not x.setup.grad_ckpt and (x.gpus, x.strategy) == (best.gpus, best.strategy)
+        ]
         if c.grad_ckpt is None and no_ckpt:
             reasons.append(f"gradient checkpointing on: without it the smallest setting needs {_gib(min(no_ckpt))}")
         else:
@@ -285,7 +317,8 @@ def _advice(arch: ArchSpec, c: Constraints, device: DeviceSpec, smallest: Candid
     lo, hi = 0, smallest.setup.seq_len
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if estimate(arch, smallest.setup.with_(seq_len=mid)).device_bytes <= limit:
+        shorter = smallest.setup.with_(seq_len=mid)
+        if multigpu.per_gpu(arch, shorter, smallest.gpus, smallest.strategy).device_bytes <= limit:
             lo = mid
         else:
             hi = mid - 1
@@ -294,13 +327,10 @@ def _advice(arch: ArchSpec, c: Constraints, device: DeviceSpec, smallest: Candid
     bigger = sorted((d for d in gpu_table() if fit_limit(d) >= need), key=lambda d: d.memory_bytes)
     if bigger:
         advice.append(f"a bigger card: {bigger[0].name} ({bigger[0].memory_gib:.0f} GiB) or larger")
-    static = sum(smallest.estimate.breakdown[k] for k in ("linear_weights", "quant_state", "other_params"))
-    dynamic = need - static
-    if limit > dynamic:
-        gpus = math.ceil(static / (limit - dynamic))
+    more = multigpu.fewest_gpus(arch, smallest.setup, limit, above=c.gpus)
+    if more:
         advice.append(
-            f"more GPUs: about {gpus} x {device.name} with the weights sharded (FSDP), "
-            "since activations are not sharded"
+            f"more GPUs: {more[0]} x {device.name} with {more[1]} (`--gpus {more[0]}`; activations are not sharded)"
         )
     return advice
 
@@ -318,6 +348,10 @@ def plan_json(p: Plan) -> dict[str, object]:
         "peak_reserved_bytes": est.peak_reserved_bytes,
         "device_bytes": est.device_bytes,
         "paged_bytes": est.paged_bytes,
+        "host_bytes": est.host_bytes,
+        "gpus": p.best.gpus,
+        "strategy": p.best.strategy,
+        "placement": multigpu.placement(est, p.best.gpus, p.best.strategy),
         "choice": p.best.choice(),
         "breakdown": dict(est.breakdown),
         "reasons": list(p.reasons),

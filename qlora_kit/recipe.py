@@ -23,7 +23,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from qlora_kit.errors import UsageError
-from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS
+from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, UPCASTS
+from qlora_kit.multigpu import STRATEGIES
 from qlora_kit.planner import ALL_LINEAR, Constraints, Plan
 
 
@@ -44,6 +45,7 @@ class QuantSpec:
     mode: str = field(default="nf4", metadata=_choices(*QUANTS))
     double_quant: bool = True
     compute_dtype: str = field(default="bf16", metadata=_choices(*DTYPES))
+    upcast: str = field(default="all", metadata=_choices(*UPCASTS))  # selective: LayerNorms only (qlora_kit.savers)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class LoraSpec:
     dropout: float = 0.05
     targets: str | list[str] = "all-linear"  # "all-linear", "default", or module names
     bias: str = field(default="none", metadata=_choices("none", "all", "lora_only"))
+    variant: str = field(default="lora", metadata=_choices("lora", "lora-fa"))  # lora-fa: A frozen, B trained
+    kernel: str = field(default="peft", metadata=_choices("peft", "runlora"))  # runlora: qlora_kit.runlora
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,11 @@ class TrainSpec:
     max_grad_norm: float = 1.0
     grad_ckpt: bool = False
     attn: str = field(default="sdpa", metadata=_choices(*ATTNS))
+    chunked_loss: bool = False  # head + loss in chunks of rows: never the full logits (qlora_kit.savers)
+    offload_ckpt: bool = False  # checkpointed layers' inputs in host memory; needs grad_ckpt
     seed: int = 42
+    gpus: int = 1  # processes (GPUs) to train on; >1 relaunches under torchrun (qlora_kit.distributed)
+    strategy: str = field(default="ddp", metadata=_choices(*STRATEGIES))  # how the GPUs share the model
     logging_steps: int = 1
     eval_steps: int = 0
     save_steps: int = 0
@@ -121,6 +129,7 @@ _POSITIVE = {
     "data.max_seq_len",
     "train.micro_batch",
     "train.grad_accum",
+    "train.gpus",
     "train.logging_steps",
     "train.save_total_limit",
 }
@@ -239,6 +248,8 @@ def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None
         problems.append(f"data.eval_fraction{_at(lines, 'data.eval_fraction')} must be in [0, 1)")
     if recipe.quant.double_quant and recipe.quant.mode in ("none", "int8") and "quant.double_quant" in lines:
         problems.append(f"quant.double_quant{_at(lines, 'quant.double_quant')} applies to nf4/fp4 only")
+    if recipe.train.offload_ckpt and not recipe.train.grad_ckpt:
+        problems.append(f"train.offload_ckpt{_at(lines, 'train.offload_ckpt')} needs train.grad_ckpt: true")
     if problems:
         plural = "s" if len(problems) > 1 else ""
         raise UsageError(
@@ -324,8 +335,15 @@ def to_constraints(recipe: Recipe) -> Constraints:
         grad_ckpt=t.grad_ckpt,
         attn=t.attn,
         dtype=q.compute_dtype,
-        effective_batch=t.micro_batch * t.grad_accum,
+        effective_batch=t.micro_batch * t.grad_accum * t.gpus,
         lora_dropout=lora.dropout,
+        lora_fa=lora.variant == "lora-fa",
+        kernel=lora.kernel,
+        upcast=q.upcast,
+        chunked_loss=t.chunked_loss,
+        offload_ckpt=t.offload_ckpt,
+        gpus=t.gpus,
+        strategy=t.strategy,
     )
 
 
@@ -337,8 +355,15 @@ def from_plan(plan: Plan, model_name: str, data: DataSpec | None = None, output_
     slug = model_name.rstrip("/").rsplit("/", 1)[-1].lower()
     return Recipe(
         model=ModelSpec(name=model_name),
-        quant=QuantSpec(mode=s.quant, double_quant=s.double_quant, compute_dtype=s.dtype),
-        lora=LoraSpec(rank=s.rank, alpha=2 * s.rank, dropout=s.lora_dropout, targets=targets),
+        quant=QuantSpec(mode=s.quant, double_quant=s.double_quant, compute_dtype=s.dtype, upcast=s.upcast),
+        lora=LoraSpec(
+            rank=s.rank,
+            alpha=2 * s.rank,
+            dropout=s.lora_dropout,
+            targets=targets,
+            variant="lora-fa" if s.lora_fa else "lora",
+            kernel="runlora" if s.runlora else "peft",
+        ),
         data=dataclasses.replace(data, max_seq_len=s.seq_len),
         train=TrainSpec(
             output_dir=output_dir or f"runs/{slug}",
@@ -347,5 +372,9 @@ def from_plan(plan: Plan, model_name: str, data: DataSpec | None = None, output_
             optimizer=s.optimizer,
             grad_ckpt=s.grad_ckpt,
             attn=s.attn,
+            chunked_loss=s.chunked_loss,
+            offload_ckpt=s.offload_ckpt,
+            gpus=best.gpus,
+            strategy=best.strategy,
         ),
     )

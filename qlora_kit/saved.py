@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
+from qlora_kit.runlora_flops import choose
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -71,6 +73,8 @@ class Opts:
     lora_dropout: float = 0.05
     act_saved: int = 4  # tensors a plain MLP's activation keeps: gelu_new (python ops) 4, native kernels 1
     gc: bool = False
+    ln_fp32: bool = False  # LayerNorm parameters fp32 with a 16-bit input (selective upcast, qlora_kit.savers)
+    loss_chunk: int = 0  # rows per chunk of the chunked loss (qlora_kit.savers); 0: transformers' loss
     input_grads: bool | None = None  # enable_input_require_grads (default: = gc, transformers' GC enable calls it)
     # the model's own dropouts (attention probabilities, residual/hidden, embeddings), from its config
     attn_dropout: float = 0.0
@@ -78,6 +82,9 @@ class Opts:
     embd_dropout: float = 0.0
     bool_mask: bool = False  # validation only: CPU run with dropout patched to native_dropout (bool mask)
     peft_sees_autocast: bool | None = None  # validation only: default = (device == "cuda")
+    lora_fa: bool = False  # lora_A frozen: its input is not kept
+    runlora: bool = False  # LoRA targets run qlora_kit.runlora's layer (see Ctx.runlora_branch)
+    runlora_all: bool = False  # ... and every quantized linear is a target (no LLM.int8 ctx input kept)
 
 
 class Acc:
@@ -145,16 +152,20 @@ class Ctx:
 
     def ln_stat(self, x_bytes: int) -> int:
         # native_layer_norm mean/rstd: CUDA -> fp32 (acc type); CPU -> input dtype (param dtype when mixed)
-        return 4 if self.cuda else x_bytes
+        return 4 if self.cuda or self.o.ln_fp32 else x_bytes
 
     # ------------------------------------------------------------------ LoRA branch of one targeted Linear
     def lora(self, acc: Acc, name: str, d_in: int, d_out: int, x_bytes: int, x_rg: bool, in_key: str) -> None:
         """Saved tensors of peft LoRA branch  result + lora_B(lora_A(dropout(cast(x)))) * scaling."""
         d, bs = self.d, self.d.b * self.d.s
+        if self.o.runlora and self.p == 0 and name in self.targets:  # with dropout, peft's layer runs
+            self.runlora_branch(acc, name, d_in, d_out, x_bytes, x_rg, in_key)
+            return
         # frozen nn.Linear with fp32 weight under autocast: mm saves the bf16 weight copy (for grad wrt input)
         self.base_weight_copy(acc, name, d_in, d_out, x_rg)
         if name not in self.targets:
             return
+        train_a = not self.o.lora_fa  # a frozen lora_A's matmul keeps no input
         # peft non-bnb Linear always casts x to the adapter dtype (fp32).  peft's bnb Linear4bit casts only when
         # torch.is_autocast_enabled() is False -- that call without a device argument reports CUDA autocast only,
         # so under CPU autocast it still casts, under CUDA autocast it does not.
@@ -164,8 +175,8 @@ class Ctx:
         new = xl != x_bytes  # the cast made a per-module copy
         if self.p > 0:
             acc.add(f"lora.{name}.dropout_mask", bs * d_in * self.mask_bytes(xl), x_rg)
-            acc.add(f"lora.{name}.A_input(dropout_out)", bs * d_in * (2 if self.ac else xl))
-        else:
+            acc.add(f"lora.{name}.A_input(dropout_out)", bs * d_in * (2 if self.ac else xl), train_a)
+        elif train_a:
             if self.ac:
                 if xl == 2:
                     acc.add(f"lora.{name}.A_input(shared x)", bs * d_in * 2, key=in_key)
@@ -181,10 +192,28 @@ class Ctx:
             acc.add(f"lora.{name}.A_weight_bf16", d.r * d_in * 2, x_rg)
             acc.add(f"lora.{name}.B_weight_bf16", d.r * d_out * 2)
 
+    def runlora_branch(self, acc: Acc, name: str, d_in: int, d_out: int, x_bytes: int, x_rg: bool, in_key: str) -> None:
+        """Saved tensors of :mod:`qlora_kit.runlora`'s layer (no dropout): x (in the branch's dtype) when A
+        trains, x A^T (in
+        autocast's dtype, else the adapter's fp32) when the chosen order computes it in forward; no weight copies, no
+        LLM.int8 input."""
+        bs, r = self.d.b * self.d.s, self.d.r
+        train_a = not self.o.lora_fa
+        xa_bytes = bs * r * (2 if self.ac else 4)
+        order = choose(bs, d_in, d_out, r, train_a)
+        xl = 2 if self.ac else 4  # the branch's dtype, as peft's: autocast's, else the adapter's fp32
+        if train_a and xl == x_bytes:
+            acc.add(f"lora.{name}.A_input(shared x)", bs * d_in * x_bytes, key=in_key)
+        elif train_a:
+            acc.add(f"lora.{name}.A_input({'bf16' if xl == 2 else 'fp32'} copy)", bs * d_in * xl)
+        acc.add(f"lora.{name}.B_input", xa_bytes, order.forward == "split" or not train_a)
+
     def quant_input(self, acc: Acc, key: str, width: int, x_bytes: int, rg: bool) -> None:
         """Record the input of a quantized linear (several linears may share one input storage, ``key``).
         LLM.int8's ``MatMul8bitFp`` (CPU) / ``MatMul8bitLt`` (CUDA) keep it as ``ctx.A`` whenever the
         autograd node exists, i.e. when the input requires grad; it is alive until backward."""
+        if self.o.runlora_all:
+            return
         if self.quant and key not in acc.quant_inputs:
             acc.quant_inputs[key] = (self.d.b * self.d.s * width * x_bytes, rg)
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from qlora_kit import bundled, checkpoint
+from qlora_kit import bundled, checkpoint, distributed
 from qlora_kit.adapters import METADATA_FILE, config_fingerprint
 from qlora_kit.errors import QloraKitError, UsageError
 from qlora_kit.recipe import Recipe
@@ -154,6 +154,15 @@ def _prepare_output(output_dir: Path, resume: bool, force: bool) -> Path | None:
     return None
 
 
+class _Silent:
+    """The reporter of ranks other than 0."""
+
+    def message(self, text: str) -> None: ...
+    def start(self, total_steps: int, start_step: int) -> None: ...
+    def step(self, metrics: dict[str, Any]) -> None: ...
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class TrainResult:
     summary: dict[str, Any]  # steps, final and eval loss, output directory, loss curve
@@ -166,10 +175,19 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
     from qlora_kit.batches import BatchStream
     from qlora_kit.lora import apply_lora, prepare
     from qlora_kit.model import load_base, load_tokenizer, materialize_random_init
+    from qlora_kit.savers import causal_lm_loss
 
     t, output_dir = recipe.train, Path(recipe.train.output_dir)
     resume_from = _prepare_output(output_dir, resume, force)
     device = detect_device()
+    dist = distributed.setup(t.strategy, device.kind)  # one process: Dist(world=1), nothing changes
+    if dist.active and t.chunked_loss:
+        raise UsageError(
+            "train.chunked_loss works on one GPU only (it calls the head outside the wrapped model's forward)",
+            "set train.chunked_loss=false to train on several GPUs",
+        )
+    if not dist.main:
+        reporter = _Silent()  # rank 0 reports for the run
     torch.manual_seed(t.seed)
 
     # data problems surface before anything heavy happens
@@ -183,16 +201,22 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
         + (f"; {tokenized.truncated:,} truncated to {recipe.data.max_seq_len} tokens" if tokenized.truncated else "")
         + (f"; {tokenized.dropped:,} dropped" if tokenized.dropped else "")
     )
+    micro = distributed.global_micro_batch(t.micro_batch, dist)  # each rank takes its rows of it
     stream = BatchStream(
-        tokenized.train, t.micro_batch, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
+        tokenized.train, micro, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
     )
 
     if recipe.model.random_init:
+        if not dist.main:
+            distributed.barrier(dist)  # rank 0 writes the random-init base, the others then reuse it
         model_spec = materialize_random_init(model_spec, output_dir / "random-init-base", t.seed)
-    check_fits(recipe, model_spec.name, device, reporter, force)
+        if dist.main:
+            distributed.barrier(dist)
+    check_fits(distributed.as_launched(recipe, dist), model_spec.name, device, reporter, force)  # per GPU
     output_dir.mkdir(parents=True, exist_ok=True)  # only once inputs have been checked
-    model = load_base(model_spec, recipe.quant, t.attn, device_map={"": 0} if device.kind == "cuda" else None)
-    model = apply_lora(prepare(model, recipe.quant, t.grad_ckpt), recipe.lora)
+    storage = distributed.quant_storage(dist, recipe.quant.compute_dtype)
+    model = load_base(model_spec, recipe.quant, t.attn, distributed.device_map(dist, device.kind), storage)
+    model = apply_lora(prepare(model, recipe.quant, t.grad_ckpt, t.offload_ckpt), recipe.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     reporter.message(f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.3f}%)")
@@ -200,13 +224,17 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
     from transformers import get_scheduler
 
     total = _total_steps(recipe, stream.epoch_batches)
+    peft_model, model = model, distributed.wrap(model, dist, device.kind)  # FSDP: before the optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
     scheduler = get_scheduler(t.schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total)
 
     step, history = 0, []
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, optimizer, scheduler)
+        if dist.sharded:
+            state = distributed.load_sharded(resume_from, model, optimizer, scheduler)
+        else:
+            state = checkpoint.load(resume_from, peft_model, optimizer, scheduler)
         step, history = state["step"], state["history"]
         stream.load_state_dict(state["data"])
         _truncate_metrics(output_dir / METRICS_FILE, step)
@@ -223,7 +251,12 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
 
     def save_checkpoint(at_step: int, data_state: dict[str, Any], rng: dict[str, Any]) -> Path:
         state = {"data": data_state, "history": history[:at_step]}
-        return checkpoint.save(output_dir, at_step, model, optimizer, scheduler, rng, state, t.save_total_limit)
+        full = distributed.adapter_state(model, dist), distributed.optimizer_state(model, optimizer, dist)
+        if not dist.main:
+            return checkpoint.checkpoint_dir(output_dir) / f"{checkpoint.PREFIX}{at_step:06d}"
+        return checkpoint.save(
+            output_dir, at_step, peft_model, optimizer, scheduler, rng, state, t.save_total_limit, *full
+        )
 
     model.train()
     reporter.start(total, step)
@@ -233,15 +266,17 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
         while step < total:
             data_state, rng = stream.state_dict(), checkpoint.rng_state()  # the state a resume needs
             loss_sum = 0.0
-            for _ in range(t.grad_accum):
+            for micro_step in range(t.grad_accum):
                 batch = _to(next(stream), device.kind)
                 tokens_seen += int(batch["input_ids"].numel())
-                with _autocast(recipe, device):
-                    loss = model(**batch).loss
-                (loss / t.grad_accum).backward()
-                loss_sum += float(loss.detach())
+                batch, weight = distributed.rank_slice(batch, dist)
+                with distributed.no_sync(model, dist, micro_step == t.grad_accum - 1):
+                    with _autocast(recipe, device):
+                        loss = causal_lm_loss(model, batch, t.chunked_loss)  # chunked: never the full logits
+                    (loss * weight / t.grad_accum).backward()
+                loss_sum += distributed.mean(float(loss.detach()), dist)
             if t.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                distributed.clip_grad_norm(model, params, t.max_grad_norm, dist)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -253,7 +288,7 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
             if tokenized.eval and t.eval_steps and step % t.eval_steps == 0:
                 metrics["eval_loss"] = eval_loss()
                 metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
-            if step % t.logging_steps == 0 or step == total or "eval_loss" in metrics:
+            if dist.main and (step % t.logging_steps == 0 or step == total or "eval_loss" in metrics):
                 _append_jsonl(output_dir / METRICS_FILE, metrics)
             reporter.step(metrics)
             if t.save_steps and step % t.save_steps == 0 and step < total:
@@ -274,10 +309,13 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
     if tokenized.eval:
         summary["eval_loss"] = eval_loss()
         summary["eval_ppl"] = math.exp(min(summary["eval_loss"], 50))
-    _write_final(output_dir, model, tokenizer, recipe, model_spec.name, summary)
-    summary["loss_curve"] = _plot(output_dir)
+    adapter = distributed.adapter_state(model, dist)  # FSDP: gathered on every rank, written by rank 0
+    if dist.main:
+        _write_final(output_dir, peft_model, tokenizer, recipe, model_spec.name, summary, adapter)
+    distributed.barrier(dist)
+    summary["loss_curve"] = _plot(output_dir) if dist.main else None
     reporter.finish(summary)
-    return TrainResult(summary, model)
+    return TrainResult(summary, peft_model)
 
 
 def _metrics(
@@ -315,7 +353,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _write_final(
-    output_dir: Path, model: Any, tokenizer: Any, recipe: Recipe, base: str, summary: dict[str, Any]
+    output_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    recipe: Recipe,
+    base: str,
+    summary: dict[str, Any],
+    adapter: dict[str, Any] | None = None,
 ) -> None:
     """Adapter and tokenizer into place, then ``qlora_kit.json`` last: it marks the run complete."""
     import peft
@@ -323,7 +367,7 @@ def _write_final(
 
     tmp = output_dir / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=adapter)  # adapter: the full LoRA weights of an FSDP run
     tokenizer.save_pretrained(tmp)
     for item in tmp.iterdir():
         os.replace(item, output_dir / item.name)

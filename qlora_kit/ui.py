@@ -10,6 +10,7 @@ from rich.table import Table
 from qlora_kit.catalog import ArchSpec
 from qlora_kit.devices import GIB, DeviceSpec
 from qlora_kit.planner import Plan
+from qlora_kit.sweep import SweepResult
 
 # Piped output (a file, a CI log) is not squeezed into 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -28,6 +29,8 @@ TERM_LABELS = {
     "cublas_workspace": "cuBLAS workspace",
     "allocator_slack": "allocator slack (reserved - allocated)",
     "cuda_context": "CUDA context",
+    "ddp_buckets": "DDP gradient buckets",
+    "fsdp_gathered": "FSDP gathered layers (full size)",
 }
 
 
@@ -46,7 +49,8 @@ def render_plan(p: Plan) -> None:
         f"[bold]{p.arch.name}[/] on [bold]{p.device.name}[/] ({gib(p.device.memory_bytes)}; "
         f"{gib(p.limit_bytes)} usable after 5% headroom): {verdict}"
     )
-    table = Table(title="memory at the peak of one optimizer step", title_justify="left")
+    per_gpu = f", per GPU of {p.best.gpus} ({p.best.strategy})" if p.best.gpus > 1 else ""
+    table = Table(title=f"memory at the peak of one optimizer step{per_gpu}", title_justify="left")
     table.add_column("term")
     table.add_column("GiB", justify="right")
     for key, value in est.breakdown.items():
@@ -58,6 +62,8 @@ def render_plan(p: Plan) -> None:
     table.add_row("[bold]on the device (nvidia-smi)[/]", f"[bold]{est.device_bytes / GIB:,.2f}[/]")
     if est.paged_bytes:
         table.add_row("paged optimizer state (may spill to host)", f"{est.paged_bytes / GIB:,.2f}")
+    if est.host_bytes:
+        table.add_row("host memory (offloaded, all GPUs)", f"{est.host_bytes / GIB:,.2f}")
     console.print(table)
     title = "chosen settings" if p.fits else "smallest setting"
     choice = ", ".join(f"{k}={v}" for k, v in p.best.choice().items())
@@ -80,6 +86,36 @@ def render_plan(p: Plan) -> None:
                 f"{x.estimate.device_bytes / GIB:,.2f}",
             )
         console.print(alt)
+
+
+def render_sweep(result: SweepResult) -> None:
+    """One row per swept value: its plan's peak, device bytes, fit, and the knobs the planner chose."""
+    first = result.plans[0]
+    console.print(
+        f"[bold]{first.arch.name}[/] on [bold]{first.device.name}[/] ({gib(first.limit_bytes)} usable), "
+        f"sweeping [bold]{result.sweep.knob}[/]"
+    )
+    host = any(p.best.estimate.host_bytes for p in result.plans)
+    table = Table(title_justify="left")
+    for col in (result.sweep.knob, "peak allocated GiB", "device GiB", *(["host GiB"] if host else []), "fits"):
+        table.add_column(col, justify="right")
+    for col in ("quant", "targets", "grad_ckpt", "batch x accum", "optimizer"):
+        table.add_column(col)
+    for label, p in zip(result.sweep.labels, result.plans, strict=True):
+        est, s = p.best.estimate, p.best.setup
+        table.add_row(
+            label,
+            f"{est.peak_allocated_bytes / GIB:,.2f}",
+            f"{est.device_bytes / GIB:,.2f}",
+            *([f"{est.host_bytes / GIB:,.2f}"] if host else []),
+            "[green]yes[/]" if p.fits else "[red]no[/]",
+            s.quant + ("+dq" if s.double_quant else ""),
+            p.best.targets_label,
+            str(s.grad_ckpt),
+            f"{s.batch_size} x {p.best.grad_accum}",
+            s.optimizer,
+        )
+    console.print(table)
 
 
 def render_models(archs: list[ArchSpec]) -> None:
@@ -203,4 +239,74 @@ def render_export(summary: dict[str, object]) -> None:
             f"KL {check.get('kl'):.3g}"
         )
     else:
-        console.print("not verified (--no-verify)")
+        console.print(f"not verified ({summary.get('verification_skipped') or 'skipped'})")
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """--prompt or --prompt-file (exactly one)."""
+    from pathlib import Path
+
+    from qlora_kit.errors import UsageError
+
+    if (prompt is None) == (prompt_file is None):
+        raise UsageError("give exactly one of --prompt and --prompt-file", 'e.g. --prompt "Two things are infinite: "')
+    if prompt_file is None:
+        return str(prompt)
+    path = Path(prompt_file)
+    if not path.is_file():
+        raise UsageError(f"prompt file {prompt_file} does not exist", "check the path")
+    return path.read_text()
+
+
+class StreamPrinter:
+    """Generated text on stdout as it arrives, one labelled block per model: the prompt, dimmed, then
+    the completion. A block's header waits for its first text (or the next block, or the end), so a
+    refused prompt prints nothing."""
+
+    def __init__(self, prompt: str) -> None:
+        self.prompt = prompt
+        self.label: str | None = None  # the block on screen
+        self.pending: str | None = None  # announced, not yet on screen
+
+    def labelled(self, label: str, piece: str) -> None:
+        if label not in (self.label, self.pending):
+            self._open()
+            self.pending = label
+        if piece:
+            self._open()
+            console.print(piece, end="", markup=False, emoji=False, highlight=False, soft_wrap=True)
+            console.file.flush()
+
+    def _open(self) -> None:
+        if self.pending is None:
+            return
+        if self.label is not None:
+            console.print()
+        console.print(f"[bold cyan]{self.pending}[/]")
+        console.print(self.prompt, style="dim", end="", markup=False, emoji=False, highlight=False, soft_wrap=True)
+        self.label, self.pending = self.pending, None
+
+    def finish(self, completions: dict[str, object]) -> None:
+        self._open()
+        console.print()
+        for label, completion in completions.items():
+            for note in getattr(completion, "notes", []):
+                console.print(f"[dim]{label}: {note}[/]")
+
+
+def render_scores(result: dict[str, object]) -> None:
+    split = "held-out split" if result["held_out"] else f"split {result['split']}"
+    console.print(f"{result['data']} ({split}): {result['samples']} samples, {result['tokens']:,} scored tokens")
+    table = Table()
+    for col in ("model", "loss", "perplexity"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    models = result["models"]
+    assert isinstance(models, dict)
+    for name, figures in models.items():
+        table.add_row(name, f"{figures['loss']:.4f}", f"{figures['perplexity']:,.2f}")
+    console.print(table)
+    if "base" in models and "adapter" in models:
+        change = models["adapter"]["loss"] - models["base"]["loss"]
+        console.print(f"the adapter {'lowers' if change < 0 else 'raises'} the loss by {abs(change):.4f}")
+    for note in result.get("notes") or []:  # type: ignore[attr-defined]
+        console.print(f"  - {note}")

@@ -96,6 +96,9 @@ class Case(NamedTuple):
     optimizer: str
     shape: tuple[int, int]  # (batch, sequence)
     dtype: str = "fp32"  # compute dtype (k-bit bases run under autocast when it is 16-bit)
+    lora_fa: bool = False  # lora_A frozen (LoRA-FA)
+    runlora: bool = False  # qlora_kit.runlora's layer instead of peft's
+    savers: tuple[str, ...] = ()  # qlora_kit.savers' switches: "selective", "chunked", "offload"
 
 
 def _cases() -> list[Case]:
@@ -118,6 +121,27 @@ def _cases() -> list[Case]:
         if i % 2 == 0:  # half of them, alternating
             continue
         out.append(Case(geometry, quant, False, "sdpa", 16, targets, 0.05, "adamw", (2, 64), "bf16"))
+    # LoRA-FA and the runlora layer, alone and together, on every base precision, with and without dropout
+    # and checkpointing
+    for i, (quant, (fa, rl)) in enumerate(itertools.product(QUANTS, ((True, False), (False, True), (True, True)))):
+        if i % 2 == 1 and quant != "int8":
+            continue
+        geometry = ("llama-128", "opt-128")[i % 2]
+        dropout = (0.0, 0.05)[(i // 2) % 2]
+        gc = i % 3 == 2
+        out.append(Case(geometry, quant, gc, "sdpa", 8, "all-linear", dropout, "adamw", (2, 64), "fp32", fa, rl))
+    # the memory savers: the chunked loss over more tokens than one chunk (1024), the selective upcast in bf16
+    # (fp32 leaves nothing to upcast), offloaded checkpoints; bf16 without checkpointing, as above
+    for geometry, quant, gc, attn, targets, dtype, shape, savers in (
+        ("llama-128", "nf4-dq", False, "sdpa", "qv", "fp32", (4, 512), ("chunked",)),
+        ("opt-128", "nf4-dq", True, "sdpa", "all-linear", "fp32", (3, 512), ("chunked",)),
+        ("llama-256", "nf4-dq", False, "sdpa", "all-linear", "bf16", (2, 64), ("selective",)),
+        ("opt-256", "nf4", False, "sdpa", "qv", "bf16", (2, 64), ("selective",)),
+        ("opt-128", "nf4-dq", False, "sdpa", "all-linear", "bf16", (3, 400), ("selective", "chunked")),
+        ("llama-128", "nf4", True, "eager", "qv", "fp32", (2, 96), ("offload",)),
+        ("opt-128", "int8", True, "sdpa", "qv", "fp32", (2, 64), ("offload", "chunked")),
+    ):
+        out.append(Case(geometry, quant, gc, attn, 8, targets, 0.05, "adamw", shape, dtype, savers=savers))
     return out
 
 
@@ -130,6 +154,9 @@ def _id(case: Case) -> str:
     return (
         f"{case.geometry}-{case.quant}-{case.dtype}-{gc}-{case.attn}-r{case.rank}-{case.targets}"
         f"-p{case.lora_dropout}-{case.optimizer}-b{b}s{s}"
+        + ("-lorafa" if case.lora_fa else "")
+        + ("-runlora" if case.runlora else "")
+        + "".join(f"-{x}" for x in case.savers)
     )
 
 
@@ -154,6 +181,11 @@ def setup_for(case: Case) -> TrainSetup:
         grad_ckpt=case.grad_ckpt,
         attn=case.attn,
         lora_dropout=case.lora_dropout,
+        lora_fa=case.lora_fa,
+        runlora=case.runlora,
+        upcast="selective" if "selective" in case.savers else "all",
+        chunked_loss="chunked" in case.savers,
+        offload_ckpt="offload" in case.savers,
     )
 
 
@@ -219,6 +251,8 @@ def test_the_grid_covers_every_knob():
     assert values("lora_dropout") == {0.0, 0.05} and values("optimizer") == set(OPTIMIZERS)
     assert values("shape") >= {s for pair in SHAPES for s in pair}
     assert values("dtype") == {"fp32", "bf16"}
+    assert {(c.lora_fa, c.runlora) for c in CASES} == {(False, False), (True, False), (False, True), (True, True)}
+    assert {x for c in CASES for x in c.savers} == {"selective", "chunked", "offload"}
     assert len(CASES) >= 70
 
 
@@ -235,8 +269,11 @@ def test_saved_for_backward_within_tolerance(tiny_model_dir, case):
     rep = report(tiny_model_dir, case)
     assert abs(rep.row("saved").error) <= TOLERANCE, _explain(rep)
     assert abs(rep.row("saved_ctx").error) <= TOLERANCE, _explain(rep)
-    if case.quant == "int8":  # LLM.int8 keeps its inputs on ctx whenever they require grad
+    runlora = case.runlora and case.lora_dropout == 0  # (with dropout, peft's layer runs)
+    if case.quant == "int8" and not runlora:  # LLM.int8 keeps its inputs on ctx whenever they require grad
         assert rep.row("saved_ctx").measured > 0
+    if case.quant == "int8" and runlora:  # the runlora layer dequantizes again in backward instead
+        assert rep.row("saved_ctx").measured == 0
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from qlora_kit.catalog import catalog_configs, resolve_model
 from qlora_kit.errors import QloraKitError, UsageError
-from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, TrainSetup
+from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, UPCASTS, TrainSetup
 from qlora_kit.planner import resolve_targets
 
 LABELS = {
@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--upcast", choices=UPCASTS, default="all", help="k-bit preparation's fp32 upcast (quant.upcast)")
+    p.add_argument("--chunked-loss", action="store_true", help="head + loss in chunks (train.chunked_loss)")
+    p.add_argument("--offload-ckpt", action="store_true", help="checkpoints in host memory (train.offload_ckpt)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps; the last one is measured (>= 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -117,6 +120,9 @@ def _setup(args: argparse.Namespace, cfg: dict[str, object]) -> TrainSetup:
         grad_ckpt=args.grad_ckpt == "on",
         attn=args.attn,
         lora_dropout=args.lora_dropout,
+        upcast=args.upcast,
+        chunked_loss=args.chunked_loss,
+        offload_ckpt=args.offload_ckpt and args.grad_ckpt == "on",
     )
 
 
