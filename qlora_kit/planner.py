@@ -302,7 +302,11 @@ def _reasons(arch: ArchSpec, best: Candidate, cands: list[Candidate], device: De
         f"that fits for an effective batch of {s.batch_size * best.grad_accum}"
     )
     opt = best.estimate.paged_bytes or best.estimate.breakdown["optimizer_state"]
-    reasons.append(f"optimizer {s.optimizer}: its state is {opt / (1 << 20):.0f} MiB")
+    if best.strategy == "fsdp-offload" and best.gpus > 1:
+        reasons.append(f"optimizer {s.optimizer}: its state is offloaded to host RAM with the shards")
+    else:
+        where = "per GPU" if best.gpus > 1 else "on the GPU"
+        reasons.append(f"optimizer {s.optimizer}: its state is {opt / (1 << 20):.0f} MiB {where}")
     return reasons
 
 

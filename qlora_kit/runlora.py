@@ -176,6 +176,9 @@ class RunLoraMixin:
         n = x.numel() // x.shape[-1]
         order = self.runlora_force or choose(n, a.shape[1], b.shape[0], a.shape[0], a.requires_grad)
         self.runlora_order = order
+        if order == PEFT_ORDER and a.requires_grad and kind != "8bit" and self.runlora_force is None:
+            # the same computation and saved tensors as peft's layer: run it, without a Python autograd node
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         ac = _autocast_dtype(x)
         cd = base_compute_dtype(base, str(kind), x, ac)
         ld = ac or a.dtype  # the branch's dtype: peft's (autocast's, else the adapter's, fp32)

@@ -64,10 +64,17 @@ def feasible(dropout: bool) -> list[Order]:
     return [Order(f, b) for f in FORWARDS for b in BACKWARDS]
 
 
+MIN_GAIN = 0.01  # leave peft's order only for at least 1% fewer FLOPs
+
+
 def choose(n: int, d_in: int, d_out: int, r: int, train_a: bool = True, dropout: bool = False) -> Order:
-    """The cheapest feasible order by FLOPs; ties go to fewer saved elements, then to peft's order."""
-    options = feasible(dropout)
-    return min(
-        options,
+    """The cheapest feasible order by FLOPs (ties: fewer saved elements), or peft's order when no order
+    saves at least ``MIN_GAIN`` of its FLOPs: a near-tie is noise in the model, while a merged order
+    always pays for a weight-sized temporary (measured: 1.05x peft's time at a 0.0% predicted gain)."""
+    best = min(
+        feasible(dropout),
         key=lambda o: (flops(o, n, d_in, d_out, r, train_a), saved_elements(o, n, d_in, r, train_a), o != PEFT_ORDER),
     )
+    if flops(best, n, d_in, d_out, r, train_a) > (1 - MIN_GAIN) * flops(PEFT_ORDER, n, d_in, d_out, r, train_a):
+        return PEFT_ORDER
+    return best

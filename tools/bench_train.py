@@ -6,6 +6,7 @@ Usage:
     python tools/bench_train.py --layers         # only the runlora layer microbenchmark
     python tools/bench_train.py --quality        # LoRA-FA's loss curve next to LoRA's on the tiny demo
     python tools/bench_train.py --device cuda    # on a GPU (peaks from max_memory_allocated)
+    python tools/bench_train.py --compute bf16   # 4-bit compute in bf16, both sides under bf16 autocast
 
 The same model (a llama-style decoder built from a config, random weights, NF4 base, vocabulary 32000 so
 the logits matter), the same batches and the same knobs go through (a) ``prepare_model_for_kbit_training``
@@ -14,6 +15,10 @@ the logits matter), the same batches and the same knobs go through (a) ``prepare
 repeated. Per setting: the median step time and the peak of live tensor bytes of one steady-state step
 (CPU: the torch profiler's memory events, as ``qlora_kit.measure``; CUDA: ``max_memory_allocated``),
 both as ratios to (a); the bytes autograd keeps for backward after one forward; the loss at step N.
+``--compute bf16``: the 4-bit layers compute in bf16, the checkpoint is bf16, and both sides run under bf16
+autocast (the Trainer with ``bf16=True``; the run checks that the head's output is bf16 on both sides).
+``--write`` keeps one table per device, compute dtype and checkpoint dtype, and one layer table per device,
+each with the command that produced it, between the README's markers.
 The layer microbenchmark times forward + backward of peft's LoRA layer and qlora-kit's runlora layer over
 the same NF4 base, per shape, alternating.
 """
@@ -25,6 +30,8 @@ import contextlib
 import gc
 import logging
 import os
+import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -72,6 +79,7 @@ class Run:
     peak_bytes: list[int] = field(default_factory=list)
     saved_bytes: int = 0
     loss_n: float = 0.0
+    head_dtypes: set[str] = field(default_factory=set)  # the head's output dtypes during training steps
 
 
 def quiet() -> None:
@@ -130,30 +138,58 @@ def peak_meter(device: str, baseline: int) -> Any:
     out.append(_profiled_peak(prof, baseline))
 
 
+def _autocast_dtype(compute: str) -> Any:
+    """The dtype both sides autocast to (``None``: no autocast, fp32 compute)."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16}[compute]
+
+
+def _watch_head(model: Any, run: Run) -> Any:
+    """Record the dtype of the head's output (an fp32 ``nn.Linear`` after k-bit preparation: bf16 only under
+    autocast), so a run shows whether it really computed under autocast."""
+
+    def hook(module: Any, args: Any, out: Any) -> None:
+        run.head_dtypes.add(str(out.dtype).removeprefix("torch."))
+
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
 def _baseline(model: Any, optimizer: Any, batch: dict[str, Any]) -> int:
     from qlora_kit import measure
 
     return measure.storage_bytes(measure.persistent_tensors(model, optimizer, batch))
 
 
-def _saved(model: Any, batch: dict[str, Any], device: str, chunked: bool) -> int:
+def _saved(model: Any, batch: dict[str, Any], device: str, chunked: bool, autocast: Any) -> int:
     from qlora_kit import measure
 
     persistent = [*model.parameters(), *model.buffers(), *measure.quant_state_tensors(model), *batch.values()]
-    loss, hooked, kept = measure.forward_saved(model, batch, None, device, persistent, chunked)
+    loss, hooked, kept = measure.forward_saved(model, batch, autocast, device, persistent, chunked)
     del loss
     return sum(hooked.values()) + sum(kept.values())
 
 
-def run_peft(path: Path, data: list[dict[str, Any]], device: str, seed: int = 0) -> Run:
+def run_peft(path: Path, data: list[dict[str, Any]], device: str, compute: str = "fp32", seed: int = 0) -> Run:
     """(a): transformers + bitsandbytes loading, ``prepare_model_for_kbit_training`` (its default: gradient
-    checkpointing on), ``get_peft_model``, ``Trainer`` with AdamW at a constant rate; N+1 steps, the last
-    one measured for its peak."""
+    checkpointing on), ``get_peft_model``, ``Trainer`` with AdamW at a constant rate (``bf16=True`` for bf16
+    compute: accelerate's autocast, on the CPU too); N+1 steps, the last one measured for its peak."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    from qlora_kit.model import torch_dtype
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(compute)
+    )
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": device})
     model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)
@@ -162,7 +198,8 @@ def run_peft(path: Path, data: list[dict[str, Any]], device: str, seed: int = 0)
     )
     model = get_peft_model(model, config)
     model.train()  # as Trainer will (checkpointing acts in training mode only)
-    run = Run(saved_bytes=_saved(model, data[0], device, False))
+    run = Run(saved_bytes=_saved(model, data[0], device, False, _autocast_dtype(compute)))
+    _watch_head(model, run)
 
     class Data(torch.utils.data.IterableDataset):  # in order: the same batches as (b)
         def __iter__(self) -> Any:
@@ -197,17 +234,21 @@ def run_peft(path: Path, data: list[dict[str, Any]], device: str, seed: int = 0)
         save_strategy="no",
         disable_tqdm=True,
         seed=seed,
+        bf16=compute == "bf16",
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     trainer = Trainer(model=model, args=args, train_dataset=Data(), callbacks=[Meter()])
+    trainer.remove_callback(PrinterCallback)  # its log dicts would land in the tables' stdout
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     run.loss_n = losses[len(data) - 2]  # step N (the measured step N+1 is not counted)
     return run
 
 
-def run_kit(path: Path, data: list[dict[str, Any]], device: str, changes: dict[str, Any], seed: int = 0) -> Run:
+def run_kit(
+    path: Path, data: list[dict[str, Any]], device: str, changes: dict[str, Any], compute: str = "fp32", seed: int = 0
+) -> Run:
     """(b): the model as ``qlora-kit train`` builds it for these knobs, stepped as it steps it."""
     import torch
 
@@ -220,7 +261,7 @@ def run_kit(path: Path, data: list[dict[str, Any]], device: str, changes: dict[s
     setup = TrainSetup(
         quant="nf4",
         double_quant=False,
-        dtype="fp32",
+        dtype=compute,
         rank=RANK,
         targets=arch.linear_names(),
         batch_size=b,
@@ -230,24 +271,28 @@ def run_kit(path: Path, data: list[dict[str, Any]], device: str, changes: dict[s
     ).with_(**changes)
     torch.manual_seed(seed)
     model = measure.load_for_training(path, setup, device)
-    run = Run(saved_bytes=_saved(model, data[0], device, setup.chunked_loss))
+    autocast = _autocast_dtype(compute)
+    run = Run(saved_bytes=_saved(model, data[0], device, setup.chunked_loss, autocast))
+    _watch_head(model, run)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
     for i, batch in enumerate(data):
         if i == len(data) - 1:
             with peak_meter(device, _baseline(model, optimizer, batch)) as out:
-                measure.train_step(model, [batch], optimizer, None, device, setup.chunked_loss)
+                measure.train_step(model, [batch], optimizer, autocast, device, setup.chunked_loss)
             run.peak_bytes.append(out[0])
             break
         t0 = time.perf_counter()
-        loss = measure.train_step(model, [batch], optimizer, None, device, setup.chunked_loss)
+        loss = measure.train_step(model, [batch], optimizer, autocast, device, setup.chunked_loss)
         if i > 0:
             run.step_s.append(time.perf_counter() - t0)
         run.loss_n = loss
     return run
 
 
-def bench(device: str, steps: int, repeats: int, batch: int, seq: int, dtype: str) -> tuple[dict[str, Run], str]:
+def bench(
+    device: str, steps: int, repeats: int, batch: int, seq: int, dtype: str, compute: str, command: str
+) -> tuple[dict[str, Run], str]:
     from qlora_kit import measure
 
     names = [PEFT, *SWITCHES]
@@ -257,29 +302,54 @@ def bench(device: str, steps: int, repeats: int, batch: int, seq: int, dtype: st
         path = measure.save_random_model(CONFIG, Path(tmp) / "model", dtype)
         for rep in range(repeats):
             for name in names if rep % 2 == 0 else names[::-1]:  # alternate, and alternate the order
-                one = run_peft(path, data, device) if name == PEFT else run_kit(path, data, device, SWITCHES[name])
+                if name == PEFT:
+                    one = run_peft(path, data, device, compute)
+                else:
+                    one = run_kit(path, data, device, SWITCHES[name], compute)
+                want = {"fp32": "float32", "bf16": "bfloat16"}[compute]
+                if one.head_dtypes != {want}:
+                    raise RuntimeError(f"{name}: the head computed in {sorted(one.head_dtypes)}, not {want}")
                 agg = runs[name]
+                agg.head_dtypes |= one.head_dtypes
                 agg.step_s += one.step_s
                 agg.peak_bytes += one.peak_bytes
                 agg.saved_bytes, agg.loss_n = one.saved_bytes, one.loss_n
                 t, mib = statistics.median(one.step_s), one.peak_bytes[0] / 2**20
                 print(
                     f"  {name:18s} step {t:.3f}s  peak {mib:8.1f} MiB"
-                    f"  saved {one.saved_bytes / 2**20:7.1f} MiB  loss@{steps} {one.loss_n:.4f}",
+                    f"  saved {one.saved_bytes / 2**20:7.1f} MiB  loss@{steps} {one.loss_n:.4f}"
+                    f"  head {'/'.join(sorted(one.head_dtypes))}",
                     file=sys.stderr,
                 )
                 gc.collect()
-    return runs, train_table(runs, device, steps, repeats, batch, seq, dtype)
+    return runs, train_table(runs, device, steps, repeats, batch, seq, dtype, compute, command)
 
 
-def train_table(runs: dict[str, Run], device: str, steps: int, repeats: int, batch: int, seq: int, dtype: str) -> str:
+def train_table(
+    runs: dict[str, Run],
+    device: str,
+    steps: int,
+    repeats: int,
+    batch: int,
+    seq: int,
+    dtype: str,
+    compute: str,
+    command: str,
+) -> str:
     base = runs[PEFT]
     t0, p0 = statistics.median(base.step_s), statistics.median(base.peak_bytes)
+    if compute == "fp32":
+        how = "fp32 compute (no autocast)"
+    else:
+        how = (
+            f"4-bit compute dtype {compute}, both sides under {device.upper()} {compute} autocast "
+            f"(the Trainer with `{compute}=True`; the head's output was {compute} in every run)"
+        )
     lines = [
-        f"Training step, {device.upper()}: llama-style 4 x 256 (vocab 32000) saved in {dtype}, NF4 base, fp32 "
-        f"compute, LoRA r={RANK} on "
+        f"Training step, {device.upper()}, **{compute} compute**: llama-style 4 x 256 (vocab 32000) saved in {dtype}, "
+        f"NF4 base, {how}, LoRA r={RANK} on "
         f"all linears, no LoRA dropout, gradient checkpointing, batch {batch} x {seq} tokens, AdamW at a constant "
-        f"rate; {steps} steps per run, {repeats} runs per setting alternating (`python tools/bench_train.py`).",
+        f"rate; {steps} steps per run, {repeats} runs per setting alternating (`{command}`).",
         "",
         "| setting | step time | peak live tensors | ratio | saved for backward | loss at step N |",
         "|---|---:|---:|---:|---:|---:|",
@@ -317,7 +387,7 @@ def _time_once(model: Any, x: Any, g: Any, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def layer_bench(repeats: int, device: str) -> str:
+def layer_bench(repeats: int, device: str, command: str) -> str:
     import copy
 
     import bitsandbytes as bnb
@@ -329,7 +399,7 @@ def layer_bench(repeats: int, device: str) -> str:
     lines = [
         f"LoRA layer forward + backward, {device.upper()}, NF4 base, fp32 compute: qlora-kit's runlora layer "
         f"(order chosen by the FLOP model) against peft's, median of {repeats} alternating timings "
-        "(`python tools/bench_train.py --layers`).",
+        f"(`{command}`).",
         "",
         "| tokens x d_in -> d_out, r | A | chosen order | FLOPs ratio (model) | time ratio (measured) |",
         "|---|---|---|---:|---:|",
@@ -361,11 +431,13 @@ def layer_bench(repeats: int, device: str) -> str:
                 runlora.PEFT_ORDER, n, d_in, d_out, r, not lora_fa
             )
             ratio = statistics.median(times[1]) / statistics.median(times[0])
+            a_state = "frozen" if lora_fa else "trained"
             lines.append(
-                f"| {n} x {d_in} -> {d_out}, {r} | {'frozen' if lora_fa else 'trained'} | "
+                f"| {n} x {d_in} -> {d_out}, {r} | {a_state} | "
                 f"{order.forward}/{order.backward} | {flop_ratio:.3f} | {ratio:.3f} |"
             )
-            print(lines[-1], file=sys.stderr)
+            # progress, not a table row: stderr shown after stdout (or its tail) would repeat the table's rows
+            print(f"  layer {n} x {d_in} -> {d_out} r{r} A {a_state}: time ratio {ratio:.3f}", file=sys.stderr)
     return "\n".join(lines)
 
 
@@ -421,13 +493,29 @@ def quality(steps: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> int:
+PART = re.compile(r"<!-- bench-train:((?:train|layers)-[\w-]+) -->\n")
+
+
+def _part_order(name: str) -> tuple[Any, ...]:
+    """Training tables first (CPU first, fp32 compute first, fp32 checkpoint first), then the layer tables."""
+    kind, device, *dtypes = name.split("-")
+    return (kind != "train", device != "cpu", device, *(d != "fp32" for d in dtypes))
+
+
+def write_section(parts: dict[str, str]) -> int:
+    """Replace the named parts between the bench-train markers, keeping the other parts there: one part per
+    ``train-DEVICE-COMPUTE-CHECKPOINT`` and per ``layers-DEVICE``, each after its own marker comment
+    (text between the markers that belongs to no part, from before parts existed, is dropped)."""
     readme = README.read_text()
-    if START not in readme:
-        print(f"README.md has no {START} marker")
+    if START not in readme or END not in readme:
+        print(f"README.md has no {START} ... {END} markers")
         return 1
     head, _, rest = readme.partition(START)
-    _, _, tail = rest.partition(END)
+    body, _, tail = rest.partition(END)
+    pieces = PART.split(body)
+    kept = {name: text.strip() for name, text in zip(pieces[1::2], pieces[2::2], strict=True)}
+    kept.update(parts)
+    text = "\n\n".join(f"<!-- bench-train:{name} -->\n{kept[name]}" for name in sorted(kept, key=_part_order))
     tmp = README.with_suffix(".md.tmp")
     tmp.write_text(f"{head}{START}\n{text}\n{END}{tail}")
     tmp.replace(README)
@@ -443,13 +531,26 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--layer-repeats", type=int, default=7)
     parser.add_argument(
-        "--dtype", choices=["fp32", "bf16"], default="fp32", help="the checkpoint's dtype (bf16: what upcasting costs)"
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="the checkpoint's dtype (bf16: what upcasting costs); default: the compute dtype",
+    )
+    parser.add_argument(
+        "--compute",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="the 4-bit compute dtype; bf16: both sides under bf16 autocast, bf16 checkpoint",
     )
     parser.add_argument("--layers", action="store_true", help="only the runlora layer microbenchmark")
     parser.add_argument("--quality", action="store_true", help="LoRA-FA vs LoRA loss curves -> docs/lora-fa.md")
     parser.add_argument("--quality-steps", type=int, default=150)
     parser.add_argument("--write", action="store_true", help="write the tables into README.md between the markers")
     args = parser.parse_args()
+    args.dtype = args.dtype or args.compute
+    if args.compute == "bf16" and args.dtype != "bf16":
+        parser.error("--compute bf16 trains a bf16 checkpoint: leave out --dtype or pass --dtype bf16")
+    command = shlex.join(["python", "tools/bench_train.py", *sys.argv[1:]])
     quiet()
     import torch
 
@@ -466,14 +567,14 @@ def main() -> int:
             tmp.write_text(f"{head}<!-- curves -->\n{table}\n")
             tmp.replace(doc)
         return 0
-    parts = []
+    parts: dict[str, str] = {}
     if not args.layers:
-        _, text = bench(args.device, args.steps, args.repeats, args.batch, args.seq, args.dtype)
-        parts.append(text)
-    parts.append(layer_bench(args.layer_repeats, args.device))
-    text = "\n\n".join(parts)
-    print(text)
-    return write_section(text) if args.write else 0
+        _, parts[f"train-{args.device}-{args.compute}-{args.dtype}"] = bench(
+            args.device, args.steps, args.repeats, args.batch, args.seq, args.dtype, args.compute, command
+        )
+    parts[f"layers-{args.device}"] = layer_bench(args.layer_repeats, args.device, command)
+    print("\n\n".join(parts.values()), flush=True)
+    return write_section(parts) if args.write else 0
 
 
 if __name__ == "__main__":
