@@ -374,8 +374,10 @@ PIECE_ELEMENTS = 1 << 20  # elements per merged slice (4 MiB in fp32)
 
 
 def produce(op: Op, shard: Shard, plan: Plan) -> Iterator[torch.Tensor]:
-    """The output tensor of one op as flat pieces: whole when it is merged or quantized, else streamed
-    in chunks (a cast is elementwise), so an unmerged embedding never sits in memory whole."""
+    """The output tensor of one op as flat pieces: a linear weight that is quantized or merged a slice
+    of rows at a time, any other tensor streamed in chunks (a cast is elementwise), so neither an
+    unmerged embedding nor an fp32 copy of a merged weight sits in memory whole (GPT-2's Conv1D and
+    LoRA on embeddings are merged whole)."""
     q = plan.quant
     assert q is not None
     src_dtype = shard.dtype(op.source)
@@ -388,10 +390,13 @@ def produce(op: Op, shard: Shard, plan: Plan) -> Iterator[torch.Tensor]:
             # in dequantized mode, what the training forward held: the load dtype (k-bit prep upcasts exactly)
             yield _checked(op, piece.to(load_dtype) if plan.merge_into == "dequantized" else piece)
         return
-    if op.quantized and not op.conv1d and op.replacement is None:
+    linear_factor = op.factor is not None and not op.factor.embedding
+    if (op.quantized or linear_factor) and not op.conv1d and op.replacement is None:
         # a slice of rows at a time: the merge holds the 16-bit source plus one slice, not fp32 copies
         rows_per_piece = max(1, PIECE_ELEMENTS // max(1, shard.shape(op.source)[-1]))
-        for first, rows in trained_rows(shard.get(op.source), q.mode, q.double_quant, load_dtype, rows_per_piece):
+        mode = q.mode if op.quantized else "none"
+        dtype = load_dtype if op.quantized or plan.merge_into == "dequantized" else src_dtype
+        for first, rows in trained_rows(shard.get(op.source), mode, q.double_quant, dtype, rows_per_piece):
             if op.factor is not None:
                 rows.add_(lora_delta_rows(op.factor, first, first + rows.shape[0]))
             yield _checked(op, rows).reshape(-1)

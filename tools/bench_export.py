@@ -10,39 +10,15 @@ The model is a llama-style fp16 checkpoint built from a config (hidden 1024, 12 
 - peft: ``from_pretrained`` (fp16) + ``PeftModel.from_pretrained`` + ``merge_and_unload`` + ``save_pretrained``;
 - qlora-kit original: ``export(merge_into="original", verify=False)``, the same math as peft's merge;
 - qlora-kit dequantized: ``export(verify=False)`` with the adapter recorded as trained on an NF4
-  double-quant base (quantize + dequantize every linear weight with bitsandbytes on the CPU);
+  double-quant base (every linear weight through bitsandbytes' rounding, :mod:`qlora_kit.rounding`);
 - qlora-kit dequantized + verify (once): the default, which also loads the adapter model and the export.
 
 Time is the child's wall time from start to exit, imports included (``work s`` leaves them out).
 
-Measured 2026-11-22 on a 2-core AVX-512 CPU VM (torch 2.13 CPU, transformers 5.23, peft 0.21.2,
-bitsandbytes 0.50.2), with another process busy on one core, so times are noisy (single runs of the
-same path varied 2-4x); RSS is stable to a few percent.
-
-``python tools/bench_export.py --repeats 5`` (419 MiB base in 9 shards):
-
-| path | peak RSS MiB | ratio | after imports MiB | merge MiB | ratio | wall s | ratio | work s | output MiB |
-|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
-| peft | 909 | 1.00 | 389 | 520 | 1.00 | 11.6 | 1.00 | 3.5 | 419 |
-| qlora-kit original | 430 | 0.47 | 247 | 183 | 0.35 | 8.7 | 0.75 | 5.0 | 419 |
-| qlora-kit dequantized | 516 | 0.57 | 362 | 154 | 0.30 | 11.8 | 1.02 | 5.9 | 419 |
-| qlora-kit dequantized + verify (1 run) | 1,866 | 2.05 | 390 | 1,477 | 2.84 | 38.8 | 3.35 | 31.7 | 419 |
-
-``python tools/bench_export.py --workdir /tmp/qlora-kit-bench-export-2048 --hidden 2048 --layers 12
---shard-size 200MB --repeats 3`` (1426 MiB base in 8 shards):
-
-| path | peak RSS MiB | ratio | after imports MiB | merge MiB | ratio | wall s | ratio | work s | output MiB |
-|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
-| peft | 1,929 | 1.00 | 389 | 1,540 | 1.00 | 18.8 | 1.00 | 12.7 | 1,426 |
-| qlora-kit original | 563 | 0.29 | 247 | 315 | 0.20 | 11.9 | 0.63 | 9.1 | 1,426 |
-| qlora-kit dequantized | 732 | 0.38 | 362 | 370 | 0.24 | 38.1 | 2.03 | 31.2 | 1,426 |
-| qlora-kit dequantized + verify (1 run) | 5,183 | 2.69 | 390 | 4,793 | 3.11 | 91.9 | 4.89 | 83.6 | 1,426 |
-
-The export's own peak is a constant (torch + transformers + bitsandbytes imports, ~250-360 MiB, and
-~100 MiB more that building the model skeleton imports: sympy, torch.fx) plus a few fp32 copies of
-the largest merged weight; the peft path's grows with the model. At a few hundred MB the constant
-dominates (total ratio ~0.5); the part above the imports is 0.2-0.35 of peft's. Dequantized mode
-spends most of its time in bitsandbytes' CPU ``quantize_4bit`` (pure torch, ~40 ns per weight here).
+Results (with the machine, versions and load they were taken under) are in README.md, "qlora-kit export".
+The export's own peak is a constant (torch + transformers imports, ~250 MiB, and ~100 MiB more that
+building the model skeleton on the meta device imports: torch._dynamo, sympy) plus one 16-bit source
+tensor and a few 4 MiB slices; the peft path's grows with the model.
 """
 
 from __future__ import annotations
