@@ -116,3 +116,15 @@ def compare() -> list[Comparison]:
 
 def median_abs_error(rows: list[Comparison]) -> float:
     return statistics.median(abs(r.error) for r in rows)
+
+
+def markdown_table(rows: list[Comparison]) -> str:
+    """The README table: each row's measurement, the planner's figure and the signed error."""
+    lines = ["| id | model | setting | quantity | measured | planner | error |", "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r.row_id} | {r.model} | {r.setting} | {r.quantity} | {r.measured:g} {r.unit} | "
+            f"{r.predicted:.2f} {r.unit} | {r.error:+.1%} |"
+        )
+    lines.append(f"\nMedian absolute error over {len(rows)} rows: **{median_abs_error(rows):.1%}**.")
+    return "\n".join(lines)

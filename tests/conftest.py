@@ -22,6 +22,20 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+# the llama-style config several test files build: GQA, untied head, small enough for CPU steps
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 128,
+}
+
+
 def build_tiny_model(config: Mapping[str, Any], path: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
     """Build a random-init causal LM from a Hugging Face config dict and ``save_pretrained`` it to ``path``.
 
@@ -72,3 +86,20 @@ def demo_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("demo-run") / "run"
     train(demo_recipe(run, max_steps=8), Quiet())
     return run
+
+
+@pytest.fixture()
+def quiet_hf() -> None:
+    """transformers' loading bars and warnings off (use with ``pytest.mark.usefixtures``)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="module")
+def loaded(demo_adapter: Path) -> Any:
+    """The demo adapter loaded for inference: (model, tokenizer, info)."""
+    from qlora_kit.adapters import load_for_inference
+
+    return load_for_inference(adapter=str(demo_adapter))

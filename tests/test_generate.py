@@ -16,19 +16,7 @@ from qlora_kit.errors import UsageError
 PROMPT = "Two things are infinite: "
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-@pytest.fixture(scope="module")
-def loaded(demo_adapter):
-    from qlora_kit.adapters import load_for_inference
-
-    return load_for_inference(adapter=str(demo_adapter))
+pytestmark = pytest.mark.usefixtures("quiet_hf")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY_LLAMA as TINY
 
 from qlora_kit.catalog import arch_from_config
 from qlora_kit.cli import main
@@ -14,18 +15,6 @@ from qlora_kit.errors import UsageError
 from qlora_kit.knobs import TrainSetup
 from qlora_kit.memory import estimate
 from qlora_kit.recipe import build_recipe, to_constraints
-
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "tie_word_embeddings": False,
-    "max_position_embeddings": 128,
-}
 
 
 def test_lora_fa_trains_b_only_and_keeps_a_at_its_initialization(tiny_model_dir, tmp_path):

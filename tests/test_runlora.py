@@ -144,17 +144,7 @@ def test_lora_fa_saves_only_the_rank_r_product():
 
 # -- a whole model ---------------------------------------------------------------------------------------
 
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "tie_word_embeddings": False,
-    "max_position_embeddings": 128,
-}
+from conftest import TINY_LLAMA as TINY  # noqa: E402
 
 
 def _load(path: Any, quant: str, kernel: str) -> Any:

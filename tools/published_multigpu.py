@@ -11,39 +11,20 @@ used (below), so the error is the model's.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import dataclasses
-import statistics
 import sys
 from importlib import resources
-from pathlib import Path
+
+import readme_section
 
 from qlora_kit.catalog import lookup
 from qlora_kit.knobs import TrainSetup
 from qlora_kit.memory import Estimate
 from qlora_kit.multigpu import per_gpu
+from qlora_kit.published import UNITS, WEIGHTS, Comparison, markdown_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- multigpu:start -->", "<!-- multigpu:end -->"
-UNITS = {"GB": 1e9, "GiB": float(1 << 30)}
-WEIGHTS = {"nf4": ("nf4", False), "nf4-dq": ("nf4", True), "bf16": ("none", False)}
 LORA_TERMS = ("lora_params", "lora_grads", "optimizer_state")
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    row_id: str
-    model: str
-    setting: str
-    quantity: str
-    unit: str
-    measured: float
-    predicted: float
-
-    @property
-    def error(self) -> float:
-        return (self.predicted - self.measured) / self.measured
 
 
 def rows() -> list[dict[str, str]]:
@@ -96,57 +77,21 @@ def _quantity(est: Estimate, quantity: str, adjust: int) -> int:
     raise ValueError(f"unknown quantity {quantity!r}")
 
 
-def compare() -> list[Row]:
+def compare() -> list[Comparison]:
     out = []
     for r in rows():
         setting = (
             f"{r['gpus']}x {r['strategy']}, {r['weights']}, r={r['lora_rank']}, b={r['micro_batch']}/GPU, "
             f"seq={r['seq_len']}, {r['gpu']}"
         )
-        out.append(Row(r["id"], r["model"], setting, r["quantity"], r["unit"], float(r["measured"]), predict(r)))
+        out.append(Comparison(r["id"], r["model"], setting, r["quantity"], r["unit"], float(r["measured"]), predict(r)))
     return out
 
 
-def table() -> str:
-    found = compare()
-    lines = [
-        "| id | model | setting | quantity | measured | planner | error |",
-        "|---|---|---|---|---:|---:|---:|",
-    ]
-    for r in found:
-        lines.append(
-            f"| {r.row_id} | {r.model} | {r.setting} | {r.quantity} | {r.measured:g} {r.unit} | "
-            f"{r.predicted:.2f} {r.unit} | {r.error:+.1%} |"
-        )
-    median = statistics.median(abs(r.error) for r in found)
-    lines.append(f"\nMedian absolute error over {len(found)} rows: **{median:.1%}**.")
-    return "\n".join(lines)
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", action="store_true")
-    group.add_argument("--check", action="store_true")
-    args = parser.parse_args()
-    text = table()
-    if not (args.write or args.check):
-        print(text)
-        return 0
-    readme = README.read_text()
-    if START not in readme:
-        print(f"README.md has no {START} marker")
-        return 1
-    head, _, rest = readme.partition(START)
-    _, _, tail = rest.partition(END)
-    fresh = f"{head}{START}\n{text}\n{END}{tail}"
-    if args.check:
-        if fresh != readme:
-            print("README.md's multi-GPU table is stale: run tools/published_multigpu.py --write")
-            return 1
-        return 0
-    README.write_text(fresh)
-    return 0
+    return readme_section.main(
+        "published_multigpu", START, END, lambda: markdown_table(compare()), (__doc__ or "").splitlines()[0]
+    )
 
 
 if __name__ == "__main__":
