@@ -154,8 +154,8 @@ def _prepare_output(output_dir: Path, resume: bool, force: bool) -> Path | None:
     return None
 
 
-class _Silent:
-    """The reporter of ranks other than 0."""
+class SilentReporter:
+    """Reports nothing: ranks other than 0, and callers that want only the result."""
 
     def message(self, text: str) -> None: ...
     def start(self, total_steps: int, start_step: int) -> None: ...
@@ -187,7 +187,7 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
             "set train.chunked_loss=false to train on several GPUs",
         )
     if not dist.main:
-        reporter = _Silent()  # rank 0 reports for the run
+        reporter = SilentReporter()  # rank 0 reports for the run
     torch.manual_seed(t.seed)
 
     # data problems surface before anything heavy happens

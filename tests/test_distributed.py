@@ -46,18 +46,6 @@ def recipe(out: Path, micro_batch: int, **extra: object):
     return load_recipe(DEMO, [f"{k}={v}" for k, v in overrides.items()])
 
 
-class Quiet:
-    def message(self, text):
-        pass
-
-    def start(self, total_steps, start_step):
-        pass
-
-    def step(self, metrics):
-        pass
-
-    def finish(self, summary):
-        pass
 
 
 def losses(out: Path) -> list[float]:
@@ -74,7 +62,7 @@ def worker(root: Path) -> None:
     """Run under torchrun: the distributed cases, each writing under ``root``."""
     import torch.distributed as dist
 
-    from qlora_kit.train import train
+    from qlora_kit.train import SilentReporter, train
 
     def resume(source: str, target: str, **extra: object) -> None:
         """A fresh output dir holding only ``source``'s step-2 checkpoint; every rank reads it."""
@@ -84,12 +72,12 @@ def worker(root: Path) -> None:
             lines = (root / source / "metrics.jsonl").read_text().splitlines()[:2]
             (root / target / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
         dist.barrier()
-        train(recipe(root / target, 2, **extra), Quiet(), resume=True)
+        train(recipe(root / target, 2, **extra), SilentReporter(), resume=True)
 
-    train(recipe(root / "ddp", 2), Quiet())
+    train(recipe(root / "ddp", 2), SilentReporter())
     resume("ddp", "resumed")
     fsdp = {"train.strategy": "fsdp"}
-    sharded = train(recipe(root / "fsdp", 2, **fsdp), Quiet()).model
+    sharded = train(recipe(root / "fsdp", 2, **fsdp), SilentReporter()).model
     # what this rank really holds of the parameters, for the planner's sharding model
     local = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in sharded.parameters())
     (root / f"fsdp-rank{os.environ['RANK']}.json").write_text(json.dumps({"param_bytes": local}))
@@ -114,9 +102,9 @@ def runs(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(root)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    from qlora_kit.train import train
+    from qlora_kit.train import SilentReporter, train
 
-    train(recipe(root / "single", 4), Quiet())
+    train(recipe(root / "single", 4), SilentReporter())
     return root
 
 
