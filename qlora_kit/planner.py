@@ -84,6 +84,18 @@ class Candidate:
             "dtype": s.dtype,
         }
 
+    def switches(self) -> dict[str, object]:
+        """The LoRA variant and memory-saver switches (recipe keys lora.variant/kernel, quant.upcast,
+        train.chunked_loss/offload_ckpt)."""
+        s = self.setup
+        return {
+            "lora_fa": s.lora_fa,
+            "kernel": "runlora" if s.runlora else "peft",
+            "upcast": s.upcast,
+            "chunked_loss": s.chunked_loss,
+            "offload_ckpt": s.offload_ckpt,
+        }
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -356,9 +368,11 @@ def plan_json(p: Plan) -> dict[str, object]:
         "gpus": p.best.gpus,
         "strategy": p.best.strategy,
         "placement": multigpu.placement(est, p.best.gpus, p.best.strategy),
-        "choice": p.best.choice(),
+        "choice": {**p.best.choice(), **p.best.switches()},
         "breakdown": dict(est.breakdown),
         "reasons": list(p.reasons),
         "advice": list(p.advice),
-        "runners_up": [{"choice": x.choice(), "device_bytes": x.estimate.device_bytes} for x in p.runners_up],
+        "runners_up": [
+            {"choice": {**x.choice(), **x.switches()}, "device_bytes": x.estimate.device_bytes} for x in p.runners_up
+        ],
     }

@@ -145,6 +145,11 @@ def test_json_schema_has_the_documented_keys():
         "grad_ckpt",
         "attn",
         "dtype",
+        "lora_fa",
+        "kernel",
+        "upcast",
+        "chunked_loss",
+        "offload_ckpt",
     }
     assert out["gpu_bytes"] == 24 * GIB
     assert out["peak_allocated_bytes"] <= out["peak_reserved_bytes"] <= out["device_bytes"]
