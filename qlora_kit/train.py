@@ -111,15 +111,20 @@ def _autocast(recipe: Recipe, device: Device) -> Any:
     return nullcontext()
 
 
-def evaluate(model: Any, batches: Iterator[dict[str, Any]], n_batches: int, device: str) -> float:
-    """Mean token loss over ``n_batches`` batches (token-weighted)."""
+def evaluate(
+    model: Any, batches: Iterator[dict[str, Any]], n_batches: int, device: str, chunked: bool = False
+) -> float:
+    """Mean token loss over ``n_batches`` batches (token-weighted); ``chunked`` as in training, so an
+    evaluation never holds the full logits a chunked-loss run was planned without."""
+    from qlora_kit.savers import causal_lm_loss
+
     model.eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
         for _ in range(n_batches):
             batch = _to(next(batches), device)
             n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * n
+            total += float(causal_lm_loss(model, batch, chunked)) * n
             tokens += n
     model.train()
     return total / max(tokens, 1)
@@ -247,7 +252,7 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
         fresh = BatchStream(
             tokenized.eval, t.micro_batch, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
         )
-        return evaluate(model, fresh, fresh.epoch_batches, device.kind)
+        return evaluate(model, fresh, fresh.epoch_batches, device.kind, t.chunked_loss)
 
     def save_checkpoint(at_step: int, data_state: dict[str, Any], rng: dict[str, Any]) -> Path:
         state = {"data": data_state, "history": history[:at_step]}

@@ -198,7 +198,7 @@ def test_train_with_every_saver_matches_the_default_path(tmp_path: Path):
     from qlora_kit.recipe import load_recipe
     from qlora_kit.train import train
 
-    def run(out: Path, *extra: str) -> dict[int, float]:
+    def run(out: Path, *extra: str) -> tuple[dict[int, float], float]:
         sets = [
             f"train.output_dir={out}",
             "train.max_steps=3",
@@ -208,17 +208,20 @@ def test_train_with_every_saver_matches_the_default_path(tmp_path: Path):
             "train.eval_steps=0",
             "train.warmup_steps=0",
             "data.max_seq_len=32",
-            "data.eval_fraction=0",
+            "data.eval_fraction=0.1",
             "train.grad_ckpt=true",
         ]
-        train(load_recipe(DEMO, [*sets, *extra]), Quiet())
-        return losses(out)
+        result = train(load_recipe(DEMO, [*sets, *extra]), Quiet())
+        return losses(out), result.summary["eval_loss"]
 
-    default = run(tmp_path / "default")
-    savers = run(tmp_path / "savers", "quant.upcast=selective", "train.chunked_loss=true", "train.offload_ckpt=true")
+    default, default_eval = run(tmp_path / "default")
+    savers, savers_eval = run(
+        tmp_path / "savers", "quant.upcast=selective", "train.chunked_loss=true", "train.offload_ckpt=true"
+    )
     assert list(savers) == list(default) == [1, 2, 3]
     for step, loss in default.items():
         assert savers[step] == pytest.approx(loss, rel=1e-4)
+    assert savers_eval == pytest.approx(default_eval, rel=1e-4)  # the chunked evaluation: the same loss
 
 
 def test_offload_needs_grad_ckpt_in_a_recipe():
