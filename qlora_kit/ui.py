@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -199,11 +200,20 @@ class ExportReporter:
 
     def __init__(self) -> None:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.text import Text
+
+        class Amount(DownloadColumn):
+            """Bytes for the merge, a count of models for verification."""
+
+            def render(self, task: Any) -> Text:
+                if task.description == "merge":
+                    return super().render(task)
+                return Text(f"{task.completed:.0f}/{task.total:.0f} models", style="progress.download")
 
         self.progress = Progress(
             TextColumn("[bold]{task.description}[/]"),
             BarColumn(),
-            DownloadColumn(),
+            Amount(),
             TimeRemainingColumn(),
             console=console,
         )
