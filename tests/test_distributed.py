@@ -46,8 +46,6 @@ def recipe(out: Path, micro_batch: int, **extra: object):
     return load_recipe(DEMO, [f"{k}={v}" for k, v in overrides.items()])
 
 
-
-
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 

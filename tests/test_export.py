@@ -176,9 +176,10 @@ def test_dequantized_export_computes_what_the_adapter_model_computes(tmp_path, l
     import torch
     from peft import PeftModel
 
-    from qlora_kit.export import TOLERANCE_ULPS, UNIT_ROUNDOFF, export
+    from qlora_kit.export import export
     from qlora_kit.model import load_base
     from qlora_kit.recipe import ModelSpec, QuantSpec
+    from qlora_kit.verify import TOLERANCE_ULPS, UNIT_ROUNDOFF
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, mode, dq)
     summary = export(adapter, tmp_path / "out")
@@ -212,7 +213,8 @@ def test_dequantized_export_computes_what_the_adapter_model_computes(tmp_path, l
 
 def test_merging_into_the_wrong_base_fails_verification_and_writes_nothing(tmp_path, llama, llama_adapter, monkeypatch):
     from qlora_kit import merge
-    from qlora_kit.export import VerificationError, export
+    from qlora_kit.export import export
+    from qlora_kit.verify import VerificationError
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
     # a bug that merges into W instead of dequant(quant(W)): the logits move by hundreds of fp16 ulps
@@ -539,15 +541,16 @@ def test_interrupted_export_leaves_nothing_at_out(tmp_path, llama, llama_adapter
 
 def test_verification_is_skipped_and_says_why_when_it_would_not_fit(tmp_path, llama, llama_adapter, monkeypatch):
     from qlora_kit import export as export_mod
+    from qlora_kit import verify as verify_mod
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
-    monkeypatch.setattr(export_mod, "_available_memory_bytes", lambda: 2**20)  # 1 MiB free
+    monkeypatch.setattr(verify_mod, "_available_memory_bytes", lambda: 2**20)  # 1 MiB free
     summary = export_mod.export(adapter, tmp_path / "out")
     assert summary["verification"] is None
     assert "pass --verify" in summary["verification_skipped"]
     assert "verification: skipped (it loads the model twice" in (tmp_path / "out" / "README.md").read_text()
     forced = export_mod.export(adapter, tmp_path / "forced", verify=True)  # asked for: runs regardless
     assert forced["verification"]["passed"] and forced["verification_skipped"] is None
-    monkeypatch.setattr(export_mod, "_available_memory_bytes", lambda: 2**40)
+    monkeypatch.setattr(verify_mod, "_available_memory_bytes", lambda: 2**40)
     roomy = export_mod.export(adapter, tmp_path / "roomy")
     assert roomy["verification"]["passed"]
