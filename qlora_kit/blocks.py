@@ -100,13 +100,7 @@ def layer_gpt_neox(c: Ctx, rg_in: bool) -> Acc:
     acc.add("attn_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
     c.layernorm(acc, "post_attention_layernorm", rg_in, input_shared=True)
     c.quant_input(acc, "ln2_out", d.h, c.e_h, rg_in)
-    c.lora(acc, "dense_h_to_4h", d.h, d.inter, c.e_h, rg_in, "ln2_out")
-    f_rg = rg_in or "dense_h_to_4h" in t
-    acc.add("mlp.gelu_input", bs * d.inter * c.e_m, f_rg)
-    c.quant_input(acc, "f2_in", d.inter, c.e_m, f_rg)
-    c.lora(acc, "dense_4h_to_h", d.inter, d.h, c.e_m, f_rg, "f2_in")
-    f2_rg = f_rg or "dense_4h_to_h" in t
-    acc.add("mlp_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and f2_rg)
+    c.mlp(acc, rg_in, "ln2_out", "dense_h_to_4h", "dense_4h_to_h", "mlp.gelu_input", 1, "mlp_dropout.mask")
     return acc
 
 
@@ -127,14 +121,8 @@ def layer_phi(c: Ctx, rg_in: bool) -> Acc:
     c.lora(acc, "dense", d.q_dim, d.h, c.e_a, attn_rg, "o_in")
     o_rg = attn_rg or "dense" in t
     acc.add("resid_dropout_attn.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
-    c.lora(acc, "fc1", d.h, d.inter, c.e_h, rg_in, "ln_out")
-    f_rg = rg_in or "fc1" in t
     # NewGELUActivation (python): saves x, tanh(..), 0.5*x, 1+tanh(..)
-    acc.add("mlp.activation", c.o.act_saved * bs * d.inter * c.e_m, f_rg)
-    c.quant_input(acc, "f2_in", d.inter, c.e_m, f_rg)
-    c.lora(acc, "fc2", d.inter, d.h, c.e_m, f_rg, "f2_in")
-    f2_rg = f_rg or "fc2" in t
-    acc.add("resid_dropout_mlp.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and f2_rg)
+    c.mlp(acc, rg_in, "ln_out", "fc1", "fc2", "mlp.activation", c.o.act_saved, "resid_dropout_mlp.mask")
     return acc
 
 
@@ -164,12 +152,9 @@ def layer_falcon(c: Ctx, rg_in: bool, new_arch: bool = False) -> Acc:
     c.quant_input(acc, "o_in", d.q_dim, c.e_a, qkv_rg)
     c.lora(acc, "dense", d.q_dim, d.h, c.e_a, qkv_rg, "o_in")
     c.quant_input(acc, "ln_out" if not new_arch else "ln_mlp_out", d.h, c.e_h, rg_in)
-    c.lora(acc, "dense_h_to_4h", d.h, d.inter, c.e_h, rg_in, "ln_out" if not new_arch else "ln_mlp_out")
-    f_rg = rg_in or "dense_h_to_4h" in t
-    acc.add("mlp.gelu_input", bs * d.inter * c.e_m, f_rg)
-    c.quant_input(acc, "f2_in", d.inter, c.e_m, f_rg)
-    c.lora(acc, "dense_4h_to_h", d.inter, d.h, c.e_m, f_rg, "f2_in")
-    out_rg = f_rg or "dense_4h_to_h" in t or qkv_rg or "dense" in t
+    mlp_in = "ln_out" if not new_arch else "ln_mlp_out"
+    mlp_rg = c.mlp(acc, rg_in, mlp_in, "dense_h_to_4h", "dense_4h_to_h", "mlp.gelu_input", 1, None)
+    out_rg = mlp_rg or qkv_rg or "dense" in t
     # output = dropout_add(mlp_out + attn_out, residual, hidden_dropout)
     acc.add("hidden_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and out_rg)
     return acc
@@ -192,13 +177,7 @@ def layer_bloom(c: Ctx, rg_in: bool) -> Acc:
     res_rg = rg_in or o_rg
     c.layernorm(acc, "post_attention_layernorm", res_rg)
     c.quant_input(acc, "ln2_out", d.h, c.e_h, res_rg)
-    c.lora(acc, "dense_h_to_4h", d.h, d.inter, c.e_h, res_rg, "ln2_out")
-    f_rg = res_rg or "dense_h_to_4h" in t
-    acc.add("mlp.bloom_gelu_input", bs * d.inter * c.e_m, f_rg)
-    c.quant_input(acc, "f2_in", d.inter, c.e_m, f_rg)
-    c.lora(acc, "dense_4h_to_h", d.inter, d.h, c.e_m, f_rg, "f2_in")
-    f2_rg = f_rg or "dense_4h_to_h" in t
-    acc.add("hidden_dropout2.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and f2_rg)
+    c.mlp(acc, res_rg, "ln2_out", "dense_h_to_4h", "dense_4h_to_h", "mlp.bloom_gelu_input", 1, "hidden_dropout2.mask")
     return acc
 
 
@@ -220,13 +199,7 @@ def layer_gpt2(c: Ctx, rg_in: bool) -> Acc:
     res_rg = rg_in or o_rg
     c.layernorm(acc, "ln_2", res_rg)
     c.quant_input(acc, "ln2_out", d.h, c.e_h, res_rg)
-    c.lora(acc, "c_fc", d.h, d.inter, c.e_h, res_rg, "ln2_out")
-    f_rg = res_rg or "c_fc" in t
-    acc.add("mlp.activation", c.o.act_saved * bs * d.inter * c.e_m, f_rg)
-    c.quant_input(acc, "f2_in", d.inter, c.e_m, f_rg)
-    c.lora(acc, "mlp.c_proj", d.inter, d.h, c.e_m, f_rg, "f2_in")
-    f2_rg = f_rg or "mlp.c_proj" in t
-    acc.add("mlp_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_m)), c.p_resid > 0 and f2_rg)
+    c.mlp(acc, res_rg, "ln2_out", "c_fc", "mlp.c_proj", "mlp.activation", c.o.act_saved, "mlp_dropout.mask")
     return acc
 
 

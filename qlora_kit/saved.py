@@ -235,6 +235,24 @@ class Ctx:
         acc.add(f"{name}.input", bs * h * x_bytes, rg and not input_shared)
         acc.add(f"{name}.mean+rstd", 2 * bs * self.ln_stat(x_bytes), rg)
 
+    def mlp(
+        self, acc: Acc, rg: bool, in_key: str, up: str, down: str, act: str, act_tensors: int, dropout: str | None
+    ) -> bool:
+        """A two-linear MLP on the input stored as ``in_key``: ``up``, an activation that keeps
+        ``act_tensors`` inter-wide tensors, ``down`` (its input stored as ``f2_in``), then the residual
+        dropout mask ``dropout`` (``None``: the caller adds it). Returns whether the output requires grad."""
+        d, t = self.d, self.targets
+        bs = d.b * d.s
+        self.lora(acc, up, d.h, d.inter, self.e_h, rg, in_key)
+        f_rg = rg or up in t
+        acc.add(act, act_tensors * bs * d.inter * self.e_m, f_rg)
+        self.quant_input(acc, "f2_in", d.inter, self.e_m, f_rg)
+        self.lora(acc, down, d.inter, d.h, self.e_m, f_rg, "f2_in")
+        out_rg = f_rg or down in t
+        if dropout is not None:
+            acc.add(dropout, bs * d.h * self.mask_bytes(self.lin_out(self.e_m)), self.p_resid > 0 and out_rg)
+        return out_rg
+
     # ------------------------------------------------------------------ attention core
     def sdpa_backend(self, q_heads_match: bool, gqa_flag: bool, has_mask: bool, dropout: float) -> str:
         o = self.o
