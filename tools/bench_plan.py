@@ -15,29 +15,11 @@ import subprocess
 import sys
 import time
 
+PLAN = [sys.executable, "-m", "qlora_kit", "plan", "--model", "opt-6.7b", "--gpu", "24GB"]
 CASES = {
     "python -c pass (baseline)": [sys.executable, "-c", "pass"],
-    "qlora-kit plan --model opt-6.7b --gpu 24GB": [
-        sys.executable,
-        "-m",
-        "qlora_kit",
-        "plan",
-        "--model",
-        "opt-6.7b",
-        "--gpu",
-        "24GB",
-    ],
-    "qlora-kit plan ... --json": [
-        sys.executable,
-        "-m",
-        "qlora_kit",
-        "plan",
-        "--model",
-        "opt-6.7b",
-        "--gpu",
-        "24GB",
-        "--json",
-    ],
+    "qlora-kit plan --model opt-6.7b --gpu 24GB": PLAN,
+    "qlora-kit plan ... --json": [*PLAN, "--json"],
     "python -c 'import torch' (for scale)": [sys.executable, "-c", "import torch"],
 }
 
