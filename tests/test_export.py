@@ -11,18 +11,9 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import TINY_LLAMA
 
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": False,
-}
+LLAMA = {**TINY_LLAMA, "max_position_embeddings": 64}
 OPT = {  # ties lm_head to the input embeddings; the checkpoint stores the embeddings only
     "model_type": "opt",
     "hidden_size": 128,

@@ -18,21 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from conftest import TINY_LLAMA
 
 from qlora_kit import memory
 from qlora_kit.catalog import ArchSpec, arch_from_config
 from qlora_kit.knobs import OPTIMIZERS, TrainSetup
 
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 512,
-    "tie_word_embeddings": False,
-}
+LLAMA = {**TINY_LLAMA, "vocab_size": 512}
 OPT = {
     "model_type": "opt",
     "hidden_size": 128,
