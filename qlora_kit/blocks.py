@@ -28,9 +28,7 @@ def layer_llama(c: Ctx, rg_in: bool, gemma: bool = False) -> Acc:
     v_rg = rg_in or "v_proj" in t
     c.attn_core(acc, q_rg, k_rg, v_rg, k_heads=d.nkv, eager_softmax="fp32", pre_softmax_tanh=gemma)
     attn_rg = q_rg or k_rg or v_rg
-    c.quant_input(acc, "o_in", d.q_dim, c.e_a, attn_rg)
-    c.lora(acc, "o_proj", d.q_dim, d.h, c.e_a, attn_rg, "o_in")
-    o_rg = attn_rg or "o_proj" in t
+    o_rg = c.attn_out(acc, attn_rg, "o_proj", d.q_dim, None)
     if gemma:
         c.rmsnorm(acc, "post_attention_norm", o_rg, True)
     res_rg = rg_in or o_rg
@@ -63,10 +61,7 @@ def layer_opt(c: Ctx, rg_in: bool) -> Acc:
     q_rg, k_rg, v_rg = (rg_in or m in t for m in ("q_proj", "k_proj", "v_proj"))
     c.attn_core(acc, q_rg, k_rg, v_rg, k_heads=d.nh, eager_softmax="fp32")
     attn_rg = q_rg or k_rg or v_rg
-    c.quant_input(acc, "o_in", d.h, c.e_a, attn_rg)
-    c.lora(acc, "out_proj", d.h, d.h, c.e_a, attn_rg, "o_in")
-    o_rg = attn_rg or "out_proj" in t
-    acc.add("resid_dropout1.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
+    o_rg = c.attn_out(acc, attn_rg, "out_proj", d.h, "resid_dropout1.mask")
     res_rg = rg_in or o_rg
     c.layernorm(acc, "final_layer_norm", res_rg)
     c.quant_input(acc, "ln2_out", d.h, c.e_h, res_rg)
@@ -85,7 +80,6 @@ def layer_opt(c: Ctx, rg_in: bool) -> Acc:
 def layer_gpt_neox(c: Ctx, rg_in: bool) -> Acc:
     """use_parallel_residual=True (pythia default): x + attn(ln1(x)) + mlp(ln2(x))."""
     d = c.d
-    bs = d.b * d.s
     acc = Acc()
     t = c.targets
     c.layernorm(acc, "input_layernorm", rg_in)
@@ -94,10 +88,7 @@ def layer_gpt_neox(c: Ctx, rg_in: bool) -> Acc:
     qkv_rg = rg_in or "query_key_value" in t
     # q,k: rope output (new tensors); v: view into the fused qkv projection output (3*h wide)
     c.attn_core(acc, qkv_rg, qkv_rg, qkv_rg, k_heads=d.nh, v_storage=3 * d.h, eager_softmax="fp32", out_is_o_in=False)
-    c.quant_input(acc, "o_in", d.h, c.e_a, qkv_rg)
-    c.lora(acc, "dense", d.h, d.h, c.e_a, qkv_rg, "o_in")
-    o_rg = qkv_rg or "dense" in t
-    acc.add("attn_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
+    c.attn_out(acc, qkv_rg, "dense", d.h, "attn_dropout.mask")
     c.layernorm(acc, "post_attention_layernorm", rg_in, input_shared=True)
     c.quant_input(acc, "ln2_out", d.h, c.e_h, rg_in)
     c.mlp(acc, rg_in, "ln2_out", "dense_h_to_4h", "dense_4h_to_h", "mlp.gelu_input", 1, "mlp_dropout.mask")
@@ -107,7 +98,6 @@ def layer_gpt_neox(c: Ctx, rg_in: bool) -> Acc:
 def layer_phi(c: Ctx, rg_in: bool) -> Acc:
     """PhiDecoderLayer: x + resid_dropout(attn(ln(x))) + resid_dropout(mlp(ln(x)))"""
     d = c.d
-    bs = d.b * d.s
     acc = Acc()
     t = c.targets
     c.layernorm(acc, "input_layernorm", rg_in)
@@ -117,10 +107,7 @@ def layer_phi(c: Ctx, rg_in: bool) -> Acc:
     q_rg, k_rg, v_rg = (rg_in or m in t for m in ("q_proj", "k_proj", "v_proj"))
     c.attn_core(acc, q_rg, k_rg, v_rg, k_heads=d.nkv, eager_softmax="fp32", out_is_o_in=False)
     attn_rg = q_rg or k_rg or v_rg
-    c.quant_input(acc, "o_in", d.q_dim, c.e_a, attn_rg)
-    c.lora(acc, "dense", d.q_dim, d.h, c.e_a, attn_rg, "o_in")
-    o_rg = attn_rg or "dense" in t
-    acc.add("resid_dropout_attn.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
+    c.attn_out(acc, attn_rg, "dense", d.q_dim, "resid_dropout_attn.mask")
     # NewGELUActivation (python): saves x, tanh(..), 0.5*x, 1+tanh(..)
     c.mlp(acc, rg_in, "ln_out", "fc1", "fc2", "mlp.activation", c.o.act_saved, "resid_dropout_mlp.mask")
     return acc
@@ -149,8 +136,7 @@ def layer_falcon(c: Ctx, rg_in: bool, new_arch: bool = False) -> Acc:
         c.attn_core(
             acc, qkv_rg, qkv_rg, qkv_rg, k_heads=1, gqa_capable=False, mask_to_sdpa=True, eager_softmax="hidden"
         )
-    c.quant_input(acc, "o_in", d.q_dim, c.e_a, qkv_rg)
-    c.lora(acc, "dense", d.q_dim, d.h, c.e_a, qkv_rg, "o_in")
+    c.attn_out(acc, qkv_rg, "dense", d.q_dim, None)
     c.quant_input(acc, "ln_out" if not new_arch else "ln_mlp_out", d.h, c.e_h, rg_in)
     mlp_in = "ln_out" if not new_arch else "ln_mlp_out"
     mlp_rg = c.mlp(acc, rg_in, mlp_in, "dense_h_to_4h", "dense_4h_to_h", "mlp.gelu_input", 1, None)
@@ -162,7 +148,6 @@ def layer_falcon(c: Ctx, rg_in: bool, new_arch: bool = False) -> Acc:
 
 def layer_bloom(c: Ctx, rg_in: bool) -> Acc:
     d = c.d
-    bs = d.b * d.s
     acc = Acc()
     t = c.targets
     c.layernorm(acc, "input_layernorm", rg_in)
@@ -170,10 +155,7 @@ def layer_bloom(c: Ctx, rg_in: bool) -> Acc:
     c.lora(acc, "query_key_value", d.h, 3 * d.h, c.e_h, rg_in, "ln1_out")
     qkv_rg = rg_in or "query_key_value" in t
     c.attn_core(acc, qkv_rg, qkv_rg, qkv_rg, k_heads=d.nh, eager_softmax="fp32")  # eager only (alibi baddbmm)
-    c.quant_input(acc, "o_in", d.h, c.e_a, qkv_rg)
-    c.lora(acc, "dense", d.h, d.h, c.e_a, qkv_rg, "o_in")
-    o_rg = qkv_rg or "dense" in t
-    acc.add("hidden_dropout1.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
+    o_rg = c.attn_out(acc, qkv_rg, "dense", d.h, "hidden_dropout1.mask")
     res_rg = rg_in or o_rg
     c.layernorm(acc, "post_attention_layernorm", res_rg)
     c.quant_input(acc, "ln2_out", d.h, c.e_h, res_rg)
@@ -183,7 +165,6 @@ def layer_bloom(c: Ctx, rg_in: bool) -> Acc:
 
 def layer_gpt2(c: Ctx, rg_in: bool) -> Acc:
     d = c.d
-    bs = d.b * d.s
     acc = Acc()
     t = c.targets
     c.layernorm(acc, "ln_1", rg_in)
@@ -192,10 +173,7 @@ def layer_gpt2(c: Ctx, rg_in: bool) -> Acc:
     qkv_rg = rg_in or "c_attn" in t
     # sdpa: q,k,v are views of the fused c_attn output (one 3h storage); eager: softmax in scores dtype
     c.attn_core(acc, qkv_rg, qkv_rg, qkv_rg, k_heads=d.nh, qkv_shared_storage=3 * d.h, eager_softmax="same")
-    c.quant_input(acc, "o_in", d.h, c.e_a, qkv_rg)
-    c.lora(acc, "attn.c_proj", d.h, d.h, c.e_a, qkv_rg, "o_in")
-    o_rg = qkv_rg or "attn.c_proj" in t
-    acc.add("resid_dropout.mask", bs * d.h * c.mask_bytes(c.lin_out(c.e_a)), c.p_resid > 0 and o_rg)
+    o_rg = c.attn_out(acc, qkv_rg, "attn.c_proj", d.h, "resid_dropout.mask")
     res_rg = rg_in or o_rg
     c.layernorm(acc, "ln_2", res_rg)
     c.quant_input(acc, "ln2_out", d.h, c.e_h, res_rg)

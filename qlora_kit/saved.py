@@ -235,6 +235,17 @@ class Ctx:
         acc.add(f"{name}.input", bs * h * x_bytes, rg and not input_shared)
         acc.add(f"{name}.mean+rstd", 2 * bs * self.ln_stat(x_bytes), rg)
 
+    def attn_out(self, acc: Acc, rg: bool, name: str, width: int, dropout: str | None) -> bool:
+        """The attention output projection ``name`` (``width`` wide input, stored as ``o_in``), then the
+        residual dropout mask ``dropout`` if the family has one. Returns whether its output requires grad."""
+        d = self.d
+        self.quant_input(acc, "o_in", width, self.e_a, rg)
+        self.lora(acc, name, width, d.h, self.e_a, rg, "o_in")
+        out_rg = rg or name in self.targets
+        if dropout is not None:
+            acc.add(dropout, d.b * d.s * d.h * self.mask_bytes(self.lin_out(self.e_a)), self.p_resid > 0 and out_rg)
+        return out_rg
+
     def mlp(
         self, acc: Acc, rg: bool, in_key: str, up: str, down: str, act: str, act_tensors: int, dropout: str | None
     ) -> bool:
