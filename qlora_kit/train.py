@@ -242,7 +242,8 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
             state = checkpoint.load(resume_from, peft_model, optimizer, scheduler)
         step, history = state["step"], state["history"]
         stream.load_state_dict(state["data"])
-        _truncate_metrics(output_dir / METRICS_FILE, step)
+        if dist.main:  # one writer: another rank reading while rank 0 rewrites would see an empty file
+            _truncate_metrics(output_dir / METRICS_FILE, step)
         reporter.message(f"resumed from {resume_from} at step {step}")
 
     def eval_loss() -> float | None:
