@@ -28,11 +28,18 @@ def _auto(choices: Sequence[str]) -> list[str]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS
-
     parser = _Parser(prog="qlora-kit", description="Plan, train and export QLoRA fine-tunes on one GPU.")
     parser.add_argument("--version", action="version", version=f"qlora-kit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_plan_parser, _train_parser, _export_parser, _generate_parser, _eval_parser):
+        add(sub)
+    sub.add_parser("models", help="list the model catalog")
+    sub.add_parser("gpus", help="list the GPU table")
+    return parser
+
+
+def _plan_parser(sub: Any) -> None:
+    from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS
 
     p = sub.add_parser(
         "plan",
@@ -67,6 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-recipe", metavar="PATH", help="write the recipe `qlora-kit train` runs")
     p.add_argument("--data", help="dataset for the written recipe (default: the bundled quotes)")
 
+
+def _train_parser(sub: Any) -> None:
     t = sub.add_parser(
         "train", help="train a LoRA adapter from a recipe", description="Train a (Q)LoRA adapter as a recipe describes."
     )
@@ -77,6 +86,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gpus", type=int, help="train on N GPUs of this machine (relaunches under torchrun; train.gpus)")
     t.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-offload"], help="how N GPUs share the model")
 
+
+def _export_parser(sub: Any) -> None:
     e = sub.add_parser(
         "export",
         help="merge an adapter into its base and write an fp16 checkpoint",
@@ -103,6 +114,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     e.add_argument("--allow-pickle", action="store_true", help="read pickle .bin base checkpoints (unsafe)")
 
+
+def _generate_parser(sub: Any) -> None:
     g = sub.add_parser(
         "generate",
         help="complete a prompt with an adapter (or a merged model), streaming the text",
@@ -123,6 +136,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="use the tokenizer's chat template (default: if trained on chat data or a chat/instruct model)",
     )
 
+
+def _eval_parser(sub: Any) -> None:
     v = sub.add_parser(
         "eval",
         help="loss and perplexity of an adapter and its base on held-out data",
@@ -136,10 +151,6 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, help="micro-batch (default: the recipe's)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
 
-    sub.add_parser("models", help="list the model catalog")
-    sub.add_parser("gpus", help="list the GPU table")
-    return parser
-
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
@@ -152,9 +163,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     from qlora_kit import recipe as recipes
-    from qlora_kit.catalog import resolve_model
-    from qlora_kit.devices import resolve_gpu
-    from qlora_kit.planner import Constraints, plan, plan_json
+    from qlora_kit.catalog.gpus import resolve_gpu
+    from qlora_kit.catalog.models import resolve_model
+    from qlora_kit.plan.recipes import from_plan, to_constraints
+    from qlora_kit.plan.search import Constraints, plan, plan_json
 
     device = resolve_gpu(args.gpu)
     if args.recipe:
@@ -171,7 +183,7 @@ def _plan(args: argparse.Namespace) -> int:
                 "change the recipe or use --set section.key=value",
             )
         rec = recipes.load_recipe(args.recipe, args.set)
-        model_name, constraints, data = rec.model.name, recipes.to_constraints(rec), rec.data
+        model_name, constraints, data = rec.model.name, to_constraints(rec), rec.data
     else:
         if not args.model:
             raise UsageError("plan needs --model (or --recipe)", "e.g. qlora-kit plan --model opt-6.7b --gpu 24GB")
@@ -207,7 +219,7 @@ def _plan(args: argparse.Namespace) -> int:
             gpus=constraints.gpus if args.gpus is None else args.gpus,
             strategy=args.strategy or constraints.strategy,
         )
-    from qlora_kit.bundled import resolve
+    from qlora_kit.catalog.bundled import resolve
 
     arch = resolve_model(resolve(model_name))
     if args.sweep:
@@ -216,7 +228,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.write_recipe:
         if args.data:
             data = recipes.DataSpec(path=args.data)
-        written = recipes.from_plan(result, arch.name if not args.recipe else model_name, data or recipes.DEFAULT_DATA)
+        written = from_plan(result, arch.name if not args.recipe else model_name, data or recipes.DEFAULT_DATA)
         header = (
             f"qlora-kit recipe for {arch.name} on {device.name}, written by\n"
             f"  qlora-kit plan --model {model_name} --gpu {args.gpu} --write-recipe {args.write_recipe}\n"
@@ -236,7 +248,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace, arch: Any, device: Any, constraints: Any) -> int:
-    from qlora_kit.sweep import parse_sweep, run_sweep, sweep_json
+    from qlora_kit.plan.sweep import parse_sweep, run_sweep, sweep_json
 
     if args.write_recipe:
         raise UsageError("--write-recipe writes one plan's recipe, --sweep makes several", "drop one of them")
@@ -252,7 +264,7 @@ def _sweep(args: argparse.Namespace, arch: Any, device: Any, constraints: Any) -
 
 def _models(args: argparse.Namespace) -> int:
     from qlora_kit import ui
-    from qlora_kit.catalog import catalog_names, lookup
+    from qlora_kit.catalog.models import catalog_names, lookup
 
     ui.render_models([lookup(n) for n in catalog_names()])
     return 0
@@ -260,7 +272,7 @@ def _models(args: argparse.Namespace) -> int:
 
 def _gpus(args: argparse.Namespace) -> int:
     from qlora_kit import ui
-    from qlora_kit.devices import gpu_table
+    from qlora_kit.catalog.gpus import gpu_table
 
     ui.render_gpus(gpu_table())
     return 0
@@ -282,8 +294,9 @@ def quiet_libraries() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from qlora_kit import distributed, ui
+    from qlora_kit import ui
     from qlora_kit.recipe import load_recipe
+    from qlora_kit.train import distributed
 
     sets = [*args.set, *([f"train.gpus={args.gpus}"] if args.gpus is not None else [])]
     sets += [f"train.strategy={args.strategy}"] if args.strategy else []
@@ -292,7 +305,7 @@ def _train(args: argparse.Namespace) -> int:
         argv = ["train", args.recipe, *[x for s in sets for x in ("--set", s)]]
         return distributed.relaunch(recipe.train.gpus, argv + ["--resume"] * args.resume + ["--force"] * args.force)
     quiet_libraries()
-    from qlora_kit.train import train
+    from qlora_kit.train.loop import train
 
     reporter = ui.RichReporter()
     try:
@@ -306,7 +319,7 @@ def _export(args: argparse.Namespace) -> int:
     from qlora_kit import ui
 
     quiet_libraries()
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     reporter = ui.ExportReporter()
     try:
@@ -332,7 +345,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> tuple:
     quiet_libraries()
-    from qlora_kit.adapters import load_for_inference
+    from qlora_kit.adapter import load_for_inference
 
     return load_for_inference(
         args.adapter, args.model, base=args.base, quant=args.quant, double_quant=args.double_quant
@@ -341,7 +354,7 @@ def _load(args: argparse.Namespace) -> tuple:
 
 def _generate(args: argparse.Namespace) -> int:
     from qlora_kit import ui
-    from qlora_kit.generate import GenerateSpec, check_spec, compare, generate, prompt_ids, uses_chat_template
+    from qlora_kit.infer.generate import GenerateSpec, check_spec, compare, generate, prompt_ids, uses_chat_template
 
     spec = GenerateSpec(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     check_spec(spec)
@@ -361,7 +374,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from qlora_kit import ui
-    from qlora_kit.scoring import check_counts, eval_data, score
+    from qlora_kit.infer.evaluate import check_counts, eval_data, score
 
     check_counts(args.max_samples, args.batch_size)
     recipe = None

@@ -11,8 +11,10 @@ QUANTS = ("none", "int8", "nf4", "fp4")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTNS = ("sdpa", "eager")
+STRATEGIES = ("ddp", "fsdp", "fsdp-offload")  # how several GPUs share the model (qlora_kit.plan.multigpu)
+ALL_LINEAR = "all-linear"  # the LoRA target spec for every linear layer but the head
 UPCASTS = ("all", "selective")  # what k-bit preparation casts to fp32 (recipe ``quant.upcast``)
-# rows of the head + cross-entropy computed at once by the chunked loss (``qlora_kit.savers``)
+# rows of the head + cross-entropy computed at once by the chunked loss (``qlora_kit.model.savers``)
 LOSS_CHUNK_TOKENS = 1024
 
 
@@ -23,7 +25,7 @@ class TrainSetup:
     ``targets`` are leaf module names (resolved from "all-linear" or the defaults by the planner);
     ``upcast`` is what k-bit preparation does to the parameters that stay unquantized: ``"all"`` is
     peft's ``prepare_model_for_kbit_training`` (every 16-bit parameter to fp32), ``"selective"`` casts
-    nn.LayerNorm parameters only (``qlora_kit.savers``), ``"none"`` keeps them in ``dtype``.
+    nn.LayerNorm parameters only (``qlora_kit.model.savers``), ``"none"`` keeps them in ``dtype``.
     """
 
     quant: str = "nf4"
@@ -37,11 +39,11 @@ class TrainSetup:
     grad_ckpt: bool = False
     attn: str = "sdpa"
     lora_dropout: float = 0.05
-    upcast: str = "all"  # "selective": only LayerNorm parameters to fp32 (qlora_kit.savers)
+    upcast: str = "all"  # "selective": only LayerNorm parameters to fp32 (qlora_kit.model.savers)
     chunked_loss: bool = False  # head + loss LOSS_CHUNK_TOKENS rows at a time, never the full logits
     offload_ckpt: bool = False  # checkpointed layers' saved inputs in host memory (needs grad_ckpt)
     lora_fa: bool = False  # LoRA-FA: lora_A frozen at its initialization, only lora_B trained
-    runlora: bool = False  # qlora_kit.runlora's layer: computation order chosen per layer by FLOPs
+    runlora: bool = False  # qlora_kit.model.runlora's layer: computation order chosen per layer by FLOPs
     padded: bool = False  # batches padded to a common length (an attention mask) rather than packed
     # Behaviours of other training stacks, for comparing with their published measurements:
     # steps' worth of 4-bit layer inputs alive at the peak (bitsandbytes 0.41-0.42's MatMul4Bit kept its

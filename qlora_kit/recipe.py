@@ -23,9 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from qlora_kit.errors import UsageError
-from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, UPCASTS
-from qlora_kit.multigpu import STRATEGIES
-from qlora_kit.planner import ALL_LINEAR, Constraints, Plan
+from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, STRATEGIES, UPCASTS
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -45,7 +43,7 @@ class QuantSpec:
     mode: str = field(default="nf4", metadata=_choices(*QUANTS))
     double_quant: bool = True
     compute_dtype: str = field(default="bf16", metadata=_choices(*DTYPES))
-    upcast: str = field(default="all", metadata=_choices(*UPCASTS))  # selective: LayerNorms only (qlora_kit.savers)
+    upcast: str = field(default="all", metadata=_choices(*UPCASTS))  # selective: LayerNorms only (model/savers)
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class LoraSpec:
     targets: str | list[str] = "all-linear"  # "all-linear", "default", or module names
     bias: str = field(default="none", metadata=_choices("none", "all", "lora_only"))
     variant: str = field(default="lora", metadata=_choices("lora", "lora-fa"))  # lora-fa: A frozen, B trained
-    kernel: str = field(default="peft", metadata=_choices("peft", "runlora"))  # runlora: qlora_kit.runlora
+    kernel: str = field(default="peft", metadata=_choices("peft", "runlora"))  # runlora: qlora_kit.model.runlora
 
 
 @dataclass(frozen=True)
@@ -93,10 +91,10 @@ class TrainSpec:
     max_grad_norm: float = 1.0
     grad_ckpt: bool = False
     attn: str = field(default="sdpa", metadata=_choices(*ATTNS))
-    chunked_loss: bool = False  # head + loss in chunks of rows: never the full logits (qlora_kit.savers)
+    chunked_loss: bool = False  # head + loss in chunks of rows: never the full logits (qlora_kit.model.savers)
     offload_ckpt: bool = False  # checkpointed layers' inputs in host memory; needs grad_ckpt
     seed: int = 42
-    gpus: int = 1  # processes (GPUs) to train on; >1 relaunches under torchrun (qlora_kit.distributed)
+    gpus: int = 1  # processes (GPUs) to train on; >1 relaunches under torchrun (qlora_kit.train.distributed)
     strategy: str = field(default="ddp", metadata=_choices(*STRATEGIES))  # how the GPUs share the model
     logging_steps: int = 1
     eval_steps: int = 0
@@ -312,69 +310,3 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-# -- recipes and plans ------------------------------------------------------------------------------
-
-
-def _targets_spec(targets: str | list[str]) -> str:
-    return ",".join(targets) if isinstance(targets, list) else targets
-
-
-def to_constraints(recipe: Recipe) -> Constraints:
-    """Every knob a recipe fixes, as planner constraints (``qlora-kit plan --recipe``)."""
-    q, lora, t = recipe.quant, recipe.lora, recipe.train
-    return Constraints(
-        quant=q.mode,
-        double_quant=q.double_quant and q.mode in ("nf4", "fp4"),
-        rank=lora.rank,
-        targets=_targets_spec(lora.targets),
-        optimizer=t.optimizer,
-        batch_size=t.micro_batch,
-        seq_len=recipe.data.max_seq_len,
-        grad_ckpt=t.grad_ckpt,
-        attn=t.attn,
-        dtype=q.compute_dtype,
-        effective_batch=t.micro_batch * t.grad_accum * t.gpus,
-        lora_dropout=lora.dropout,
-        lora_fa=lora.variant == "lora-fa",
-        kernel=lora.kernel,
-        upcast=q.upcast,
-        chunked_loss=t.chunked_loss,
-        offload_ckpt=t.offload_ckpt,
-        gpus=t.gpus,
-        strategy=t.strategy,
-    )
-
-
-def from_plan(plan: Plan, model_name: str, data: DataSpec | None = None, output_dir: str = "") -> Recipe:
-    """The recipe ``train`` runs for a plan's chosen setting."""
-    s, best = plan.best.setup, plan.best
-    targets: str | list[str] = ALL_LINEAR if best.targets_label == ALL_LINEAR else list(s.targets)
-    data = data or DataSpec()
-    slug = model_name.rstrip("/").rsplit("/", 1)[-1].lower()
-    return Recipe(
-        model=ModelSpec(name=model_name),
-        quant=QuantSpec(mode=s.quant, double_quant=s.double_quant, compute_dtype=s.dtype, upcast=s.upcast),
-        lora=LoraSpec(
-            rank=s.rank,
-            alpha=2 * s.rank,
-            dropout=s.lora_dropout,
-            targets=targets,
-            variant="lora-fa" if s.lora_fa else "lora",
-            kernel="runlora" if s.runlora else "peft",
-        ),
-        data=dataclasses.replace(data, max_seq_len=s.seq_len),
-        train=TrainSpec(
-            output_dir=output_dir or f"runs/{slug}",
-            micro_batch=s.batch_size,
-            grad_accum=best.grad_accum,
-            optimizer=s.optimizer,
-            grad_ckpt=s.grad_ckpt,
-            attn=s.attn,
-            chunked_loss=s.chunked_loss,
-            offload_ckpt=s.offload_ckpt,
-            gpus=best.gpus,
-            strategy=best.strategy,
-        ),
-    )

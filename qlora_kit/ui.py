@@ -8,10 +8,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from qlora_kit.catalog import ArchSpec
-from qlora_kit.devices import GIB, DeviceSpec
-from qlora_kit.planner import Plan
-from qlora_kit.sweep import SweepResult
+from qlora_kit.catalog.gpus import GIB, DeviceSpec
+from qlora_kit.catalog.models import ArchSpec
+from qlora_kit.plan.search import Plan
+from qlora_kit.plan.sweep import SweepResult
 
 # Piped output (a file, a CI log) is not squeezed into 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)

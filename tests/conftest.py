@@ -81,7 +81,7 @@ def demo_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     5% held out): the adapter directory, with qlora_kit.json and its random-init base inside. Read-only."""
     from test_train import Quiet, demo_recipe
 
-    from qlora_kit.train import train
+    from qlora_kit.train.loop import train
 
     run = tmp_path_factory.mktemp("demo-run") / "run"
     train(demo_recipe(run, max_steps=8), Quiet())
@@ -100,6 +100,6 @@ def quiet_hf() -> None:
 @pytest.fixture(scope="module")
 def loaded(demo_adapter: Path) -> Any:
     """The demo adapter loaded for inference: (model, tokenizer, info)."""
-    from qlora_kit.adapters import load_for_inference
+    from qlora_kit.adapter import load_for_inference
 
     return load_for_inference(adapter=str(demo_adapter))

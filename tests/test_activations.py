@@ -2,11 +2,11 @@
 
 Tiny random-init models of two families, a Llama (gated MLP, grouped KV heads, RMSNorm, rotary) and an
 OPT (ReLU MLP, LayerNorm, learned positions, residual dropout 0.1), are saved to disk and loaded the way
-``qlora-kit train`` loads them (``qlora_kit.model.load_base``, ``lora.prepare``, ``lora.apply_lora``)
+``qlora-kit train`` loads them (``qlora_kit.model.load.load_base``, ``lora.prepare``, ``lora.apply_lora``)
 with every base precision (16-bit, LLM.int8, NF4, NF4 + double quant), gradient checkpointing on and
 off, eager and SDPA attention, two widths, two ranks, attention-only and all-linear LoRA targets, every
 optimizer, and several batch sizes and sequence lengths. Each grid point runs real optimizer steps of two
-accumulated micro-batches (``qlora_kit.measure``) and compares, term by term:
+accumulated micro-batches (``qlora_kit.measure.steps``) and compares, term by term:
 
 - static terms (weights, quantization constants, other parameters, LoRA parameters, gradients,
   optimizer state): exactly;
@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from qlora_kit.catalog import ArchSpec, arch_from_config
+from qlora_kit.catalog.models import ArchSpec, arch_from_config
 from qlora_kit.knobs import OPTIMIZERS, TrainSetup
 
 TOLERANCE = 0.05
@@ -97,8 +97,8 @@ class Case(NamedTuple):
     shape: tuple[int, int]  # (batch, sequence)
     dtype: str = "fp32"  # compute dtype (k-bit bases run under autocast when it is 16-bit)
     lora_fa: bool = False  # lora_A frozen (LoRA-FA)
-    runlora: bool = False  # qlora_kit.runlora's layer instead of peft's
-    savers: tuple[str, ...] = ()  # qlora_kit.savers' switches: "selective", "chunked", "offload"
+    runlora: bool = False  # qlora_kit.model.runlora's layer instead of peft's
+    savers: tuple[str, ...] = ()  # qlora_kit.model.savers' switches: "selective", "chunked", "offload"
 
 
 def _cases() -> list[Case]:
@@ -212,7 +212,7 @@ def _one_thread_and_cleanup() -> Any:
 
 
 def _model(tiny_model_dir: Any, case: Case) -> Any:
-    from qlora_kit import measure
+    from qlora_kit.measure import steps as measure
 
     key = case._replace(shape=(0, 0))
     if key not in _MODELS:
@@ -223,7 +223,7 @@ def _model(tiny_model_dir: Any, case: Case) -> Any:
 
 
 def report(tiny_model_dir: Any, case: Case) -> Any:
-    from qlora_kit import measure
+    from qlora_kit.measure import steps as measure
 
     if case not in _REPORTS:
         model = _model(tiny_model_dir, case)
@@ -298,8 +298,8 @@ def test_the_grid_exercises_every_kind_of_peak(tiny_model_dir):
 
 def saved(tiny_model_dir: Any, geometry: str, quant: str, attn: str, b: int, s: int) -> tuple[int, int]:
     """(measured, planned) bytes kept for backward after one forward pass."""
-    from qlora_kit import measure
-    from qlora_kit.activations import saved_bytes
+    from qlora_kit.measure import steps as measure
+    from qlora_kit.plan.activations import saved_bytes
 
     case = Case(geometry, quant, False, attn, 8, "qv", 0.05, "adamw", (b, s))
     if case not in _SAVED:
@@ -357,7 +357,7 @@ GPU_LLAMA = {
 def _gpu_report(config: dict[str, Any], name: str, **knobs: Any) -> Any:
     import torch
 
-    from qlora_kit import measure
+    from qlora_kit.measure import steps as measure
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -387,7 +387,7 @@ def test_gpu_peak_allocated_within_tolerance(quant, grad_ckpt):
 @pytest.mark.slow
 def test_gpu_real_size_7b():
     """Llama-2-7B at real size (random weights, built on the GPU, saved and loaded back in NF4)."""
-    from qlora_kit.catalog import catalog_configs
+    from qlora_kit.catalog.models import catalog_configs
 
     name = "meta-llama/Llama-2-7b-hf"
     rep = _gpu_report(dict(catalog_configs()[name]), name, quant="nf4", batch_size=1, seq_len=1024)

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from qlora_kit.catalog import (
+from qlora_kit.catalog.models import (
     DEFAULT_TARGETS,
     ArchSpec,
     arch_from_config,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kit.batches import BatchStream
-from qlora_kit.data import (
+from qlora_kit.data.batches import BatchStream
+from qlora_kit.data.load import (
     IGNORE_INDEX,
     load_raw,
     resolve_data_path,
@@ -23,7 +23,7 @@ from qlora_kit.errors import UsageError
 from qlora_kit.recipe import DataSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "qlora_kit" / "data" / "tiny-demo"
+TINY = ROOT / "qlora_kit" / "resources" / "tiny-demo"
 CHAT = [
     {"role": "system", "content": "Be wise."},
     {"role": "user", "content": "Hi"},
@@ -218,7 +218,7 @@ def test_load_errors_name_the_problem(tmp_path, make, kw, pattern):
 
 
 def test_hub_ids_fail_fast_offline(monkeypatch):
-    import qlora_kit.data as data
+    import qlora_kit.data.load as data
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UsageError, match=r"hub dataset 'someone/quotes': offline \(HF_HUB_OFFLINE is set\)"):
@@ -234,7 +234,7 @@ def test_hub_ids_fail_fast_offline(monkeypatch):
 def test_reachability_probe_is_bounded():
     import time
 
-    from qlora_kit.data import _reachable
+    from qlora_kit.data.load import _reachable
 
     start = time.monotonic()
     assert not _reachable("127.0.0.1", port=9, timeout_s=0.5)  # discard port: refused at once

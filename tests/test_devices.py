@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 
-from qlora_kit.devices import GIB, MIB, DeviceSpec, gpu_table, parse_size, resolve_gpu
+from qlora_kit.catalog.gpus import GIB, MIB, DeviceSpec, gpu_table, parse_size, resolve_gpu
 from qlora_kit.errors import UsageError
 
 # -- parse_size ------------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def test_parse_size_smallest_accepted() -> None:
 
 
 def csv_rows() -> list[dict[str, str]]:
-    text = resources.files("qlora_kit").joinpath("data/gpus.csv").read_text()
+    text = resources.files("qlora_kit").joinpath("resources/gpus.csv").read_text()
     return list(csv.DictReader(text.splitlines()))
 
 

@@ -60,7 +60,7 @@ def worker(root: Path) -> None:
     """Run under torchrun: the distributed cases, each writing under ``root``."""
     import torch.distributed as dist
 
-    from qlora_kit.train import SilentReporter, train
+    from qlora_kit.train.loop import SilentReporter, train
 
     def resume(source: str, target: str, **extra: object) -> None:
         """A fresh output dir holding only ``source``'s step-2 checkpoint; every rank reads it."""
@@ -84,8 +84,7 @@ def worker(root: Path) -> None:
 
 def base(root: Path) -> None:
     """The demo's random-init base, written once: each run would otherwise build and save its own."""
-    from qlora_kit.bundled import resolve_model_spec
-    from qlora_kit.model import materialize_random_init
+    from qlora_kit.model.load import materialize_random_init, resolve_model_spec
     from qlora_kit.recipe import load_recipe
 
     demo = load_recipe(DEMO)
@@ -100,7 +99,7 @@ def runs(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(root)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    from qlora_kit.train import SilentReporter, train
+    from qlora_kit.train.loop import SilentReporter, train
 
     train(recipe(root / "single", 4), SilentReporter())
     return root
@@ -160,7 +159,7 @@ def test_fsdp_on_two_processes_matches_one_process(runs):
 def test_rank_slices_cover_the_global_batch_once():
     import torch
 
-    from qlora_kit.distributed import Dist, rank_slice
+    from qlora_kit.train.distributed import Dist, rank_slice
 
     batch = {"input_ids": torch.arange(10).view(5, 2)}
     parts = [rank_slice(batch, Dist(r, 2)) for r in range(2)]
@@ -178,9 +177,9 @@ if __name__ == "__main__":
 def test_the_planner_predicts_what_each_fsdp_rank_holds(runs):
     """The real FSDP2 run's local parameter bytes on each rank against ``multigpu.per_gpu``'s sharded
     parameter terms for the same architecture and knobs."""
-    from qlora_kit.catalog import resolve_model
+    from qlora_kit.catalog.models import resolve_model
     from qlora_kit.knobs import TrainSetup
-    from qlora_kit.multigpu import per_gpu
+    from qlora_kit.plan.multigpu import per_gpu
 
     arch = resolve_model(str(runs / "base"))
     setup = TrainSetup(quant="nf4", double_quant=True, dtype="fp32", rank=16, targets=arch.linear_names(), seq_len=32)
@@ -195,7 +194,7 @@ def test_the_planner_predicts_what_each_fsdp_rank_holds(runs):
 
 def test_export_takes_the_adapter_of_a_sharded_run_unchanged(runs, tmp_path):
     """The FSDP run's adapter merges and verifies against its base like a one-GPU adapter."""
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     summary = export(runs / "fsdp", tmp_path / "merged")
     v = summary["verification"]
@@ -206,8 +205,8 @@ def test_export_takes_the_adapter_of_a_sharded_run_unchanged(runs, tmp_path):
 def test_a_one_gpu_run_refuses_an_fsdp_checkpoint_in_one_line(tmp_path):
     import torch
 
-    from qlora_kit import checkpoint
     from qlora_kit.errors import UsageError
+    from qlora_kit.train import checkpoint
 
     path = tmp_path / "checkpoint-000002"
     path.mkdir()

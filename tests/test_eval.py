@@ -48,7 +48,7 @@ def independent_loss(model, tokenizer, rows) -> tuple[float, int]:
 
 
 def test_perplexity_is_exp_of_the_mean_token_loss_for_adapter_and_base(loaded, qa_file):
-    from qlora_kit.scoring import eval_data, score
+    from qlora_kit.infer.evaluate import eval_data, score
 
     model, tokenizer, info = loaded
     recipe = {"data": {"path": "unused", "format": "prompt_response", "max_seq_len": 64, "eval_fraction": 0.5}}
@@ -68,10 +68,10 @@ def test_perplexity_is_exp_of_the_mean_token_loss_for_adapter_and_base(loaded, q
 
 
 def test_held_out_split_gives_the_eval_loss_training_reported(loaded, demo_adapter, tmp_path):
-    from qlora_kit import data as datalib
-    from qlora_kit.adapters import load_for_inference, read_metadata
-    from qlora_kit.export import export
-    from qlora_kit.scoring import eval_data, score
+    from qlora_kit.adapter import load_for_inference, read_metadata
+    from qlora_kit.data import load as datalib
+    from qlora_kit.export.run import export
+    from qlora_kit.infer.evaluate import eval_data, score
 
     model, tokenizer, info = loaded
     what = eval_data(info)
@@ -96,7 +96,7 @@ def test_held_out_split_gives_the_eval_loss_training_reported(loaded, demo_adapt
 
 
 def test_training_data_without_a_held_out_split_is_flagged(loaded):
-    from qlora_kit.scoring import eval_data, score
+    from qlora_kit.infer.evaluate import eval_data, score
 
     model, tokenizer, info = loaded
     what = eval_data(info, split="train")  # an explicit split: the whole file, not held out

@@ -70,7 +70,7 @@ def make_adapter(base: Path, out: Path, targets="all-linear", seed: int = 1, **l
 
 def write_metadata(adapter: Path, base: Path, mode: str, double_quant: bool = False, compute_dtype: str = "fp32"):
     """What `qlora-kit train` writes next to the adapter (train._write_final)."""
-    from qlora_kit.adapters import config_fingerprint
+    from qlora_kit.adapter import config_fingerprint
 
     meta = {
         "base_model": str(base),
@@ -129,8 +129,8 @@ def test_trained_weight_is_bit_exact_with_what_the_loaded_base_multiplies_by(tmp
     from conftest import build_tiny_model
     from safetensors.torch import load_file
 
-    from qlora_kit.merge import LOAD_DTYPES, trained_weight
-    from qlora_kit.model import load_base
+    from qlora_kit.export.merge import LOAD_DTYPES, trained_weight
+    from qlora_kit.model.load import load_base
     from qlora_kit.recipe import ModelSpec, QuantSpec
 
     base = build_tiny_model(config, tmp_path / "base")
@@ -167,10 +167,10 @@ def test_dequantized_export_computes_what_the_adapter_model_computes(tmp_path, l
     import torch
     from peft import PeftModel
 
-    from qlora_kit.export import export
-    from qlora_kit.model import load_base
+    from qlora_kit.export.run import export
+    from qlora_kit.export.verify import TOLERANCE_ULPS, UNIT_ROUNDOFF
+    from qlora_kit.model.load import load_base
     from qlora_kit.recipe import ModelSpec, QuantSpec
-    from qlora_kit.verify import TOLERANCE_ULPS, UNIT_ROUNDOFF
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, mode, dq)
     summary = export(adapter, tmp_path / "out")
@@ -203,9 +203,9 @@ def test_dequantized_export_computes_what_the_adapter_model_computes(tmp_path, l
 
 
 def test_merging_into_the_wrong_base_fails_verification_and_writes_nothing(tmp_path, llama, llama_adapter, monkeypatch):
-    from qlora_kit import merge
-    from qlora_kit.export import export
-    from qlora_kit.verify import VerificationError
+    from qlora_kit.export import merge
+    from qlora_kit.export.run import export
+    from qlora_kit.export.verify import VerificationError
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
     # a bug that merges into W instead of dequant(quant(W)): the logits move by hundreds of fp16 ulps
@@ -221,7 +221,7 @@ def test_original_mode_equals_peft_merge_and_unload_on_the_16bit_base(tmp_path, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
     summary = export(adapter, tmp_path / "out", merge_into="original")
@@ -243,7 +243,7 @@ def test_sharded_base_in_sharded_export_out(tmp_path, llama, llama_adapter):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     sharded = tmp_path / "sharded-base"
     AutoModelForCausalLM.from_pretrained(llama).save_pretrained(sharded, max_shard_size="150KB")
@@ -279,7 +279,7 @@ def load_tensors_of(path: Path) -> dict:
 def test_tied_embeddings_stay_tied(tmp_path):
     from conftest import build_tiny_model
 
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     base = build_tiny_model(OPT, tmp_path / "opt")
     assert "lm_head.weight" not in load_tensors(base)
@@ -294,7 +294,7 @@ def test_lora_on_a_tied_head_unties_it_and_says_so(tmp_path):
     import torch
     from conftest import build_tiny_model
 
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     base = build_tiny_model(OPT, tmp_path / "opt")
     adapter = write_metadata(make_adapter(base, tmp_path / "adapter", ["q_proj", "lm_head"]), base, "nf4", True)
@@ -321,7 +321,7 @@ def test_lora_on_a_tied_head_unties_it_and_says_so(tmp_path):
 def test_peft_options_rslora_patterns_embedding_lora_modules_to_save_and_biases(tmp_path):
     from conftest import build_tiny_model
 
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     base = build_tiny_model(OPT, tmp_path / "opt")
     adapter = make_adapter(
@@ -343,7 +343,7 @@ def test_peft_options_rslora_patterns_embedding_lora_modules_to_save_and_biases(
 def test_falcon_is_not_quantized_so_the_export_merges_into_its_16bit_weights(tmp_path):
     from conftest import build_tiny_model
 
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     base = build_tiny_model(FALCON, tmp_path / "falcon")
     adapter = write_metadata(make_adapter(base, tmp_path / "adapter", ["query_key_value", "dense"]), base, "nf4", True)
@@ -355,7 +355,7 @@ def test_falcon_is_not_quantized_so_the_export_merges_into_its_16bit_weights(tmp
 def test_gpt2_conv1d_export(tmp_path):
     from conftest import build_tiny_model
 
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     base = build_tiny_model(GPT2, tmp_path / "gpt2")
     adapter = write_metadata(make_adapter(base, tmp_path / "adapter", ["c_attn", "c_fc"]), base, "nf4", True)
@@ -368,7 +368,7 @@ def test_gpt2_conv1d_export(tmp_path):
 
 def test_plain_peft_adapter_needs_and_takes_base_and_quant(tmp_path, llama, llama_adapter):
     from qlora_kit.errors import UsageError
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     adapter = tmp_path / "plain"
     shutil.copytree(llama_adapter, adapter)
@@ -392,7 +392,7 @@ def test_plain_peft_adapter_needs_and_takes_base_and_quant(tmp_path, llama, llam
 
 def test_qlora_kit_metadata_wins_and_contradictions_are_refused(tmp_path, llama, llama_adapter):
     from qlora_kit.errors import UsageError
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
     with pytest.raises(UsageError, match="quant=int8 contradicts"):
@@ -402,8 +402,8 @@ def test_qlora_kit_metadata_wins_and_contradictions_are_refused(tmp_path, llama,
 def test_a_qlora_kit_training_run_exports(tmp_path):
     from test_train import Quiet, demo_recipe
 
-    from qlora_kit.export import export
-    from qlora_kit.train import train
+    from qlora_kit.export.run import export
+    from qlora_kit.train.loop import train
 
     run = tmp_path / "run"
     train(demo_recipe(run, max_steps=1, **{"data.eval_fraction": 0}), Quiet())
@@ -414,7 +414,7 @@ def test_a_qlora_kit_training_run_exports(tmp_path):
 
 
 def test_the_export_loads_without_peft_or_bitsandbytes(tmp_path, llama, llama_adapter):
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     export(adapter_for(llama_adapter, tmp_path, llama, "nf4", True), tmp_path / "out", verify=False)
     code = (
@@ -433,7 +433,7 @@ def test_the_export_loads_without_peft_or_bitsandbytes(tmp_path, llama, llama_ad
 
 def test_missing_adapter_files(tmp_path, llama, llama_adapter):
     from qlora_kit.errors import UsageError
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     with pytest.raises(UsageError, match="does not exist"):
         export(tmp_path / "nope", tmp_path / "out")
@@ -450,7 +450,7 @@ def test_adapter_base_mismatch(tmp_path, llama, llama_adapter):
     from conftest import build_tiny_model
 
     from qlora_kit.errors import UsageError
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     other = build_tiny_model({**LLAMA, "intermediate_size": 320}, tmp_path / "other")
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
@@ -464,7 +464,7 @@ def test_adapter_base_mismatch(tmp_path, llama, llama_adapter):
 
 def test_existing_output_needs_force(tmp_path, llama, llama_adapter):
     from qlora_kit.errors import UsageError
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
     out = tmp_path / "out"
@@ -480,7 +480,7 @@ def test_existing_output_needs_force(tmp_path, llama, llama_adapter):
 
 
 def test_full_disk_is_refused_before_writing(tmp_path, llama, llama_adapter, monkeypatch):
-    import qlora_kit.export as ex
+    import qlora_kit.export.run as ex
     from qlora_kit.errors import UsageError
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
@@ -496,7 +496,7 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path, llama, llama_ad
     from safetensors.torch import load_file
 
     from qlora_kit.errors import UsageError
-    from qlora_kit.export import export
+    from qlora_kit.export.run import export
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -510,8 +510,8 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path, llama, llama_ad
 
 
 def test_interrupted_export_leaves_nothing_at_out(tmp_path, llama, llama_adapter, monkeypatch):
-    from qlora_kit import merge
-    from qlora_kit.export import export
+    from qlora_kit.export import merge
+    from qlora_kit.export.run import export
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
     written = []
@@ -531,8 +531,8 @@ def test_interrupted_export_leaves_nothing_at_out(tmp_path, llama, llama_adapter
 
 
 def test_verification_is_skipped_and_says_why_when_it_would_not_fit(tmp_path, llama, llama_adapter, monkeypatch):
-    from qlora_kit import export as export_mod
-    from qlora_kit import verify as verify_mod
+    from qlora_kit.export import run as export_mod
+    from qlora_kit.export import verify as verify_mod
 
     adapter = adapter_for(llama_adapter, tmp_path, llama, "nf4", True)
     monkeypatch.setattr(verify_mod, "_available_memory_bytes", lambda: 2**20)  # 1 MiB free

@@ -9,19 +9,20 @@ import json
 import pytest
 from conftest import TINY_LLAMA as TINY
 
-from qlora_kit.catalog import arch_from_config
+from qlora_kit.catalog.models import arch_from_config
 from qlora_kit.cli import main
 from qlora_kit.errors import UsageError
 from qlora_kit.knobs import TrainSetup
-from qlora_kit.memory import estimate
-from qlora_kit.recipe import build_recipe, to_constraints
+from qlora_kit.plan.memory import estimate
+from qlora_kit.plan.recipes import to_constraints
+from qlora_kit.recipe import build_recipe
 
 
 def test_lora_fa_trains_b_only_and_keeps_a_at_its_initialization(tiny_model_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from qlora_kit import measure
+    from qlora_kit.measure import steps as measure
 
     arch = arch_from_config(TINY, "tiny")
     setup = TrainSetup(quant="nf4", dtype="fp32", rank=8, targets=arch.linear_names(), lora_fa=True, seq_len=32)

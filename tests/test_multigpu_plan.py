@@ -1,4 +1,4 @@
-"""The per-GPU memory model (qlora_kit/multigpu.py) and the planner's multi-GPU search. Pure: no torch.
+"""The per-GPU memory model (qlora_kit/plan/multigpu.py) and the planner's multi-GPU search. Pure: no torch.
 
 What each rank of a real FSDP2 run holds is checked against this model in tests/test_distributed.py.
 """
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kit.catalog import lookup
-from qlora_kit.devices import resolve_gpu
+from qlora_kit.catalog.gpus import resolve_gpu
+from qlora_kit.catalog.models import lookup
 from qlora_kit.knobs import TrainSetup
-from qlora_kit.memory import estimate
-from qlora_kit.multigpu import SHARDED, per_gpu, placement
-from qlora_kit.planner import Constraints, candidates, plan
+from qlora_kit.plan.memory import estimate
+from qlora_kit.plan.multigpu import SHARDED, per_gpu, placement
+from qlora_kit.plan.search import Constraints, candidates, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP = TrainSetup(targets=("q_proj", "k_proj", "v_proj", "o_proj"), batch_size=2, seq_len=1024, grad_ckpt=True)
@@ -124,7 +124,7 @@ def test_bad_multi_gpu_input_is_one_line():
 def test_the_readme_multi_gpu_table_is_current_and_every_row_has_a_source():
     import csv
 
-    text = (ROOT / "qlora_kit" / "data" / "published_multigpu.csv").read_text()
+    text = (ROOT / "qlora_kit" / "resources" / "published_multigpu.csv").read_text()
     rows = list(csv.DictReader(text.splitlines()))
     assert rows and all(r["source"].startswith("https://") and r["measured"] for r in rows)
     check = subprocess.run([sys.executable, "tools/published_multigpu.py", "--check"], cwd=ROOT, capture_output=True)

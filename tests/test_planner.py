@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_kit.catalog import lookup
-from qlora_kit.devices import GIB, resolve_gpu
+from qlora_kit.catalog.gpus import GIB, resolve_gpu
+from qlora_kit.catalog.models import lookup
 from qlora_kit.errors import UsageError
-from qlora_kit.knobs import TrainSetup
-from qlora_kit.memory import estimate
-from qlora_kit.planner import ALL_LINEAR, Constraints, candidates, fit_limit, plan, plan_json
+from qlora_kit.knobs import ALL_LINEAR, TrainSetup
+from qlora_kit.plan.memory import estimate
+from qlora_kit.plan.search import Constraints, candidates, fit_limit, plan, plan_json
 
 
 def _key(c):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qlora_kit.published import compare, median_abs_error, published_rows
+from qlora_kit.measure.published import compare, median_abs_error, published_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 

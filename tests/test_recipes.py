@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kit.bundled import resolve
-from qlora_kit.catalog import resolve_model
-from qlora_kit.devices import resolve_gpu
-from qlora_kit.planner import plan
-from qlora_kit.recipe import load_recipe, to_constraints
+from qlora_kit.catalog.bundled import resolve
+from qlora_kit.catalog.gpus import resolve_gpu
+from qlora_kit.catalog.models import resolve_model
+from qlora_kit.plan.recipes import to_constraints
+from qlora_kit.plan.search import plan
+from qlora_kit.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))
 

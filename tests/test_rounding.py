@@ -1,4 +1,4 @@
-"""qlora_kit.rounding against bitsandbytes itself: dequant(quant(W)) bit for bit, and the export's
+"""qlora_kit.export.rounding against bitsandbytes itself: dequant(quant(W)) bit for bit, and the export's
 light-weight rule for which weights transformers quantizes against the real replacement."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from qlora_kit import rounding
+from qlora_kit.export import rounding
 
 SHAPES = [(64, 64), (96, 130), (33, 17), (300, 301), (1, 5), (257, 1024)]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -83,7 +83,7 @@ def test_rounding_does_not_import_bitsandbytes() -> None:
     import sys
 
     code = (
-        "import sys, torch; from qlora_kit import merge; "
+        "import sys, torch; from qlora_kit.export import merge; "
         "list(merge.trained_rows(torch.randn(64, 128).half(), 'nf4', True, torch.float16, 16)); "
         "print('bitsandbytes' in sys.modules)"
     )
@@ -113,8 +113,8 @@ def test_export_layout_matches_the_real_bitsandbytes_replacement(name: str, mode
     from test_catalog import build_meta, catalog_configs
     from transformers.quantizers import AutoHfQuantizer
 
-    from qlora_kit.export import _bnb_replaced
-    from qlora_kit.model import bnb_config
+    from qlora_kit.export.run import _bnb_replaced
+    from qlora_kit.model.load import bnb_config
     from qlora_kit.recipe import QuantSpec
 
     configs = catalog_configs()

@@ -1,4 +1,4 @@
-"""qlora_kit.runlora: the order-choosing LoRA layer computes what peft's LoRA layer computes.
+"""qlora_kit.model.runlora: the order-choosing LoRA layer computes what peft's LoRA layer computes.
 
 Outputs and gradients (input, A, B) against peft's own layer over real bitsandbytes NF4 and LLM.int8
 bases and 16-bit nn.Linear bases, in every computation order, with A trained and frozen (LoRA-FA); the
@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qlora_kit.runlora_flops import PEFT_ORDER, Order, choose, flops, saved_elements  # noqa: E402
+from qlora_kit.plan.flops import PEFT_ORDER, Order, choose, flops, saved_elements  # noqa: E402
 
 ORDERS = [Order(f, b) for f in ("split", "merged") for b in ("split", "merged")]
 D_IN, D_OUT, RANK = 128, 192, 8
@@ -66,7 +66,7 @@ def _grads(model: Any, x: Any, g: Any) -> dict[str, Any]:
     ("kind", "dtype_name"), [("nf4", "float32"), ("int8", "float32"), ("linear", "float32"), ("linear", "bfloat16")]
 )
 def test_outputs_and_gradients_equal_peft(kind, dtype_name, order, lora_fa):
-    from qlora_kit import runlora
+    from qlora_kit.model import runlora
 
     dtype = getattr(torch, dtype_name)
     ref = _peft_layer(kind, dtype)
@@ -92,7 +92,7 @@ def test_outputs_and_gradients_equal_peft(kind, dtype_name, order, lora_fa):
 
 def test_peft_path_is_taken_where_the_layer_does_not_apply():
     """With active dropout (the branch sees dropout(x)) or without gradients, peft's own forward runs."""
-    from qlora_kit import runlora
+    from qlora_kit.model import runlora
 
     model = _peft_layer("nf4", torch.float32)
     runlora.install(model)
@@ -148,8 +148,8 @@ from conftest import TINY_LLAMA as TINY  # noqa: E402
 
 
 def _load(path: Any, quant: str, kernel: str) -> Any:
-    from qlora_kit.lora import apply_lora, prepare
-    from qlora_kit.model import load_base
+    from qlora_kit.model.load import load_base
+    from qlora_kit.model.lora import apply_lora, prepare
     from qlora_kit.recipe import LoraSpec, ModelSpec, QuantSpec
 
     q = QuantSpec(mode=quant, double_quant=False, compute_dtype="fp32")
@@ -168,7 +168,7 @@ def _load(path: Any, quant: str, kernel: str) -> Any:
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_model_loss_and_gradients_equal_peft(tiny_model_dir, quant):
-    from qlora_kit import runlora
+    from qlora_kit.model import runlora
 
     path = tiny_model_dir(TINY, "float32")
     ref, new = _load(path, quant, "peft"), _load(path, quant, "runlora")
@@ -191,7 +191,7 @@ def test_model_loss_and_gradients_equal_peft(tiny_model_dir, quant):
 def test_adapter_saved_with_runlora_loads_in_plain_peft(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
-    from qlora_kit.model import load_base
+    from qlora_kit.model.load import load_base
     from qlora_kit.recipe import ModelSpec, QuantSpec
 
     path = tiny_model_dir(TINY, "float32")

@@ -1,5 +1,5 @@
-"""The memory savers (``qlora_kit.savers``) on real tiny NF4 models: each computes what the default path
-computes, keeps what the planner says it keeps, and trains through ``qlora_kit.train.train``."""
+"""The memory savers (``qlora_kit.model.savers``) on real tiny NF4 models: each computes what the default path
+computes, keeps what the planner says it keeps, and trains through ``qlora_kit.train.loop.train``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from qlora_kit.catalog import arch_from_config
+from qlora_kit.catalog.models import arch_from_config
 from qlora_kit.knobs import TrainSetup
 
 LLAMA = {
@@ -55,14 +55,14 @@ def load(tiny_model_dir: Any, family: str, s: TrainSetup) -> Any:
     """The model ``train`` builds, its LoRA weights seeded (two loads compare gradient for gradient)."""
     import torch
 
-    from qlora_kit import measure
+    from qlora_kit.measure import steps as measure
 
     torch.manual_seed(0)
     return measure.load_for_training(tiny_model_dir(CONFIGS[family], "float32"), s)
 
 
 def loss_and_grads(model: Any, batch: dict[str, Any], chunked: bool, chunk_tokens: int = 1024) -> tuple[float, list]:
-    from qlora_kit.savers import causal_lm_loss
+    from qlora_kit.model.savers import causal_lm_loss
 
     model.zero_grad(set_to_none=True)
     loss = causal_lm_loss(model, batch, chunked, chunk_tokens)
@@ -72,7 +72,7 @@ def loss_and_grads(model: Any, batch: dict[str, Any], chunked: bool, chunk_token
 
 def masked_batch(vocab: int, s: TrainSetup) -> dict[str, Any]:
     """A random batch whose first tokens (a "prompt") are masked out of the loss."""
-    from qlora_kit.measure import random_batch
+    from qlora_kit.measure.steps import random_batch
 
     batch = random_batch(vocab, s)
     labels = batch["input_ids"].clone()
@@ -103,8 +103,8 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_model_dir, famil
 def test_chunked_loss_keeps_no_logits_for_backward(tiny_model_dir):
     """What forward keeps loses the b x s x vocab fp32 log-softmax, and equals the planner's saved bytes
     with and without chunking."""
-    from qlora_kit import measure
-    from qlora_kit.activations import saved_bytes
+    from qlora_kit.measure import steps as measure
+    from qlora_kit.plan.activations import saved_bytes
 
     arch = arch_from_config(LLAMA, "tiny")
     measured = {}
@@ -120,8 +120,8 @@ def test_chunked_loss_keeps_no_logits_for_backward(tiny_model_dir):
 def test_chunked_loss_refuses_models_that_scale_their_logits(tiny_model_dir):
     """A causal LM that rescales the head's output (Cohere's ``logit_scale``) gets one clear error."""
     from qlora_kit.errors import UsageError
-    from qlora_kit.measure import random_batch
-    from qlora_kit.savers import causal_lm_loss
+    from qlora_kit.measure.steps import random_batch
+    from qlora_kit.model.savers import causal_lm_loss
 
     s = setup()
     model = load(tiny_model_dir, "llama", s)
@@ -140,8 +140,8 @@ def test_selective_upcast_casts_only_layernorms(tiny_model_dir, family):
     bytes are the planner's, and the step's loss is the fp32-upcast step's to bf16 precision."""
     import torch
 
-    from qlora_kit import measure
-    from qlora_kit.memory import other_param_bytes
+    from qlora_kit.measure import steps as measure
+    from qlora_kit.plan.memory import other_param_bytes
 
     arch = arch_from_config(CONFIGS[family], family)
     results = {}
@@ -168,8 +168,8 @@ def test_offloaded_checkpoints_equal_plain_checkpointing_and_pack_the_layer_inpu
     (outer) hooks see, exactly the planner's ``offloaded`` bytes: they went through ``save_on_cpu``."""
     import torch
 
-    from qlora_kit import measure
-    from qlora_kit.activations import saved_bytes
+    from qlora_kit.measure import steps as measure
+    from qlora_kit.plan.activations import saved_bytes
 
     arch = arch_from_config(LLAMA, "tiny")
     runs = {}
@@ -191,12 +191,12 @@ def test_offloaded_checkpoints_equal_plain_checkpointing_and_pack_the_layer_inpu
 
 
 def test_train_with_every_saver_matches_the_default_path(tmp_path: Path):
-    """``qlora_kit.train.train`` with the recipe keys: the savers' run reproduces the default run's losses
+    """``qlora_kit.train.loop.train`` with the recipe keys: the savers' run reproduces the default run's losses
     (fp32 compute on CPU: the selective upcast changes no dtype there)."""
     from test_train import DEMO, Quiet, losses
 
     from qlora_kit.recipe import load_recipe
-    from qlora_kit.train import train
+    from qlora_kit.train.loop import train
 
     def run(out: Path, *extra: str) -> tuple[dict[int, float], float]:
         sets = [
@@ -240,10 +240,10 @@ def test_offload_needs_grad_ckpt_in_a_recipe():
 def test_planner_models_each_saver_on_a_real_size_model():
     """Llama-2-7B, NF4, batch 4 x 2048: the chunked loss drops the b x s x vocab fp32 terms to one chunk's,
     the selective upcast halves the embeddings' and head's bytes, offloading moves every checkpoint to host."""
-    from qlora_kit.activations import peak_moment, peak_moments
-    from qlora_kit.catalog import resolve_model
+    from qlora_kit.catalog.models import resolve_model
     from qlora_kit.knobs import LOSS_CHUNK_TOKENS
-    from qlora_kit.memory import estimate
+    from qlora_kit.plan.activations import peak_moment, peak_moments
+    from qlora_kit.plan.memory import estimate
 
     arch = resolve_model("meta-llama/Llama-2-7b-hf")
     base = TrainSetup(batch_size=4, seq_len=2048)

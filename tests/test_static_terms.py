@@ -3,7 +3,7 @@
 Tiny random-init models of two families (a gated-MLP Llama and an OPT) are saved to disk and loaded back
 the way qlora-kit trains them: 16-bit, LLM.int8, NF4, NF4 with double quant and FP4 (bitsandbytes'
 ``BitsAndBytesConfig``), then prepared with peft's ``prepare_model_for_kbit_training``, wrapped with
-``get_peft_model`` and stepped once with each optimizer. Every term of ``qlora_kit.memory`` that does not
+``get_peft_model`` and stepped once with each optimizer. Every term of ``qlora_kit.plan.memory`` that does not
 depend on the batch must equal the bytes the real tensors hold, to the byte.
 
 Bytes are counted per storage (``untyped_storage().nbytes()``), each storage once, so a tensor shared
@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from conftest import TINY_LLAMA
 
-from qlora_kit import memory
-from qlora_kit.catalog import ArchSpec, arch_from_config
+from qlora_kit.catalog.models import ArchSpec, arch_from_config
 from qlora_kit.knobs import OPTIMIZERS, TrainSetup
+from qlora_kit.plan import memory
 
 LLAMA = {**TINY_LLAMA, "vocab_size": 512}
 OPT = {

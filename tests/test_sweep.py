@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from qlora_kit.catalog import resolve_model
-from qlora_kit.devices import resolve_gpu
+from qlora_kit.catalog.gpus import resolve_gpu
+from qlora_kit.catalog.models import resolve_model
 from qlora_kit.errors import UsageError
-from qlora_kit.memory import estimate
-from qlora_kit.planner import Constraints
-from qlora_kit.sweep import parse_sweep, run_sweep
+from qlora_kit.plan.memory import estimate
+from qlora_kit.plan.search import Constraints
+from qlora_kit.plan.sweep import parse_sweep, run_sweep
 
 LLAMA = "meta-llama/Llama-2-7b-hf"
 

@@ -58,9 +58,9 @@ def test_training_lowers_the_loss_and_the_adapter_reloads_with_peft(tmp_path, qu
     import torch
     from peft import PeftModel
 
-    from qlora_kit.model import load_base
+    from qlora_kit.model.load import load_base
     from qlora_kit.recipe import ModelSpec, QuantSpec
-    from qlora_kit.train import train
+    from qlora_kit.train.loop import train
 
     recipe = demo_recipe(tmp_path / "run", **{"quant.mode": quant, "quant.double_quant": quant == "nf4"})
     result = train(recipe, Quiet())
@@ -88,7 +88,7 @@ def test_training_lowers_the_loss_and_the_adapter_reloads_with_peft(tmp_path, qu
 
 
 def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
-    from qlora_kit.train import train
+    from qlora_kit.train.loop import train
 
     full = tmp_path / "full"
     train(demo_recipe(full, max_steps=6, save_steps=3), Quiet())
@@ -168,7 +168,7 @@ def test_bad_recipes_and_data_get_one_line(tmp_path, sets, fragment):
 
 def test_resume_needs_a_checkpoint_and_a_rerun_needs_consent(tmp_path):
     from qlora_kit.errors import UsageError
-    from qlora_kit.train import train
+    from qlora_kit.train.loop import train
 
     out = tmp_path / "run"
     with pytest.raises(UsageError, match="no complete checkpoint"):
@@ -179,7 +179,7 @@ def test_resume_needs_a_checkpoint_and_a_rerun_needs_consent(tmp_path):
 
 
 def test_only_the_last_k_checkpoints_are_kept(tmp_path):
-    from qlora_kit.train import train
+    from qlora_kit.train.loop import train
 
     out = tmp_path / "run"
     train(demo_recipe(out, max_steps=6, save_steps=1, save_total_limit=2), Quiet())

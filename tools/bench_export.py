@@ -10,7 +10,7 @@ The model is a llama-style fp16 checkpoint built from a config (hidden 1024, 12 
 - peft: ``from_pretrained`` (fp16) + ``PeftModel.from_pretrained`` + ``merge_and_unload`` + ``save_pretrained``;
 - qlora-kit original: ``export(merge_into="original", verify=False)``, the same math as peft's merge;
 - qlora-kit dequantized: ``export(verify=False)`` with the adapter recorded as trained on an NF4
-  double-quant base (every linear weight through bitsandbytes' rounding, :mod:`qlora_kit.rounding`);
+  double-quant base (every linear weight through bitsandbytes' rounding, :mod:`qlora_kit.export.rounding`);
 - qlora-kit dequantized + verify (once): the default, which also loads the adapter model and the export.
 
 Time is the child's wall time from start to exit, imports included (``work s`` leaves them out).
@@ -42,7 +42,7 @@ def build(workdir: Path, layers: int, hidden: int, shard_size: str) -> tuple[Pat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_kit.adapters import config_fingerprint
+    from qlora_kit.adapter import config_fingerprint
 
     base, adapter = workdir / "base", workdir / "adapter"
     stamp = json.dumps({"layers": layers, "hidden": hidden, "shard": shard_size})
@@ -106,7 +106,7 @@ def child(path: str, base: str, adapter: str, out: str, shard_size: str) -> None
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         model.save_pretrained(out, max_shard_size=shard_size)
     else:
-        from qlora_kit.export import export
+        from qlora_kit.export.run import export
 
         into = "original" if path.endswith("original") else "dequantized"
         if path.endswith("verify"):

@@ -11,9 +11,9 @@ Usage:
 The same model (a llama-style decoder built from a config, random weights, NF4 base, vocabulary 32000 so
 the logits matter), the same batches and the same knobs go through (a) ``prepare_model_for_kbit_training``
 + ``get_peft_model`` + transformers' ``Trainer`` and (b) qlora-kit's loading and training step
-(``qlora_kit.measure``, what ``qlora-kit train`` runs) with each switch, the settings alternating, each run
+(``qlora_kit.measure.steps``, what ``qlora-kit train`` runs) with each switch, the settings alternating, each run
 repeated. Per setting: the median step time and the peak of live tensor bytes of one steady-state step
-(CPU: the torch profiler's memory events, as ``qlora_kit.measure``; CUDA: ``max_memory_allocated``),
+(CPU: the torch profiler's memory events, as ``qlora_kit.measure.steps``; CUDA: ``max_memory_allocated``),
 both as ratios to (a); the bytes autograd keeps for backward after one forward; the loss at step N.
 ``--compute bf16``: the 4-bit layers compute in bf16, the checkpoint is bf16, and both sides run under bf16
 autocast (the Trainer with ``bf16=True``; the run checks that the head's output is bf16 on both sides).
@@ -156,13 +156,13 @@ def _watch_head(model: Any, run: Run) -> Any:
 
 
 def _baseline(model: Any, optimizer: Any, batch: dict[str, Any]) -> int:
-    from qlora_kit import measure
+    from qlora_kit.measure import steps as measure
 
     return measure.storage_bytes(measure.persistent_tensors(model, optimizer, batch))
 
 
 def _saved(model: Any, batch: dict[str, Any], device: str, chunked: bool, autocast: Any) -> int:
-    from qlora_kit import measure
+    from qlora_kit.measure import steps as measure
 
     persistent = [*model.parameters(), *model.buffers(), *measure.quant_state_tensors(model), *batch.values()]
     loss, hooked, kept = measure.forward_saved(model, batch, autocast, device, persistent, chunked)
@@ -185,7 +185,7 @@ def run_peft(path: Path, data: list[dict[str, Any]], device: str, compute: str =
         TrainingArguments,
     )
 
-    from qlora_kit.model import torch_dtype
+    from qlora_kit.model.load import torch_dtype
 
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(compute)
@@ -252,9 +252,9 @@ def run_kit(
     """(b): the model as ``qlora-kit train`` builds it for these knobs, stepped as it steps it."""
     import torch
 
-    from qlora_kit import measure
-    from qlora_kit.catalog import arch_from_config
+    from qlora_kit.catalog.models import arch_from_config
     from qlora_kit.knobs import TrainSetup
+    from qlora_kit.measure import steps as measure
 
     arch = arch_from_config(CONFIG, "bench")
     b, s = data[0]["input_ids"].shape
@@ -293,7 +293,7 @@ def run_kit(
 def bench(
     device: str, steps: int, repeats: int, batch: int, seq: int, dtype: str, compute: str, command: str
 ) -> tuple[dict[str, Run], str]:
-    from qlora_kit import measure
+    from qlora_kit.measure import steps as measure
 
     names = [PEFT, *SWITCHES]
     runs = {n: Run() for n in names}
@@ -394,7 +394,7 @@ def layer_bench(repeats: int, device: str, command: str) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from qlora_kit import runlora
+    from qlora_kit.model import runlora
 
     lines = [
         f"LoRA layer forward + backward, {device.upper()}, NF4 base, fp32 compute: qlora-kit's runlora layer "
@@ -462,9 +462,9 @@ class _Losses:
 
 
 def quality(steps: int) -> str:
-    """Train recipes/tiny/cpu_demo.yaml with LoRA and with LoRA-FA (``qlora_kit.train``), same seed."""
+    """Train recipes/tiny/cpu_demo.yaml with LoRA and with LoRA-FA (``qlora_kit.train.loop``), same seed."""
     from qlora_kit.recipe import load_recipe
-    from qlora_kit.train import train
+    from qlora_kit.train.loop import train
 
     curves: dict[str, _Losses] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Regenerate ``qlora_kit/data/tiny-demo``: a byte-level BPE tokenizer trained on the built-in quotes,
+"""Regenerate ``qlora_kit/resources/tiny-demo``: a byte-level BPE tokenizer trained on the built-in quotes,
 and the ``config.json`` of a tiny Llama-style model that matches it.
 
     python tools/make_tiny_tokenizer.py                 # rewrite the committed files
@@ -25,8 +25,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ROOT = Path(__file__).resolve().parent.parent
-QUOTES = ROOT / "qlora_kit" / "data" / "quotes.jsonl"
-OUT = ROOT / "qlora_kit" / "data" / "tiny-demo"
+QUOTES = ROOT / "qlora_kit" / "resources" / "quotes.jsonl"
+OUT = ROOT / "qlora_kit" / "resources" / "tiny-demo"
 
 VOCAB_SIZE = 512
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"

@@ -4,8 +4,8 @@
     python tools/published_multigpu.py --write    # refresh it in README.md (between the markers)
     python tools/published_multigpu.py --check    # exit 1 if README.md's table is stale
 
-Rows, exact settings and sources: qlora_kit/data/published_multigpu.csv. Each row is predicted with
-``qlora_kit.multigpu.per_gpu`` in the row's own quantity and unit, with the knobs its implementation
+Rows, exact settings and sources: qlora_kit/resources/published_multigpu.csv. Each row is predicted with
+``qlora_kit.plan.multigpu.per_gpu`` in the row's own quantity and unit, with the knobs its implementation
 used (below), so the error is the model's.
 """
 
@@ -17,18 +17,18 @@ from importlib import resources
 
 import readme_section
 
-from qlora_kit.catalog import lookup
+from qlora_kit.catalog.models import lookup
 from qlora_kit.knobs import TrainSetup
-from qlora_kit.memory import Estimate
-from qlora_kit.multigpu import per_gpu
-from qlora_kit.published import UNITS, WEIGHTS, Comparison, markdown_table
+from qlora_kit.measure.published import UNITS, WEIGHTS, Comparison, markdown_table
+from qlora_kit.plan.memory import Estimate
+from qlora_kit.plan.multigpu import per_gpu
 
 START, END = "<!-- multigpu:start -->", "<!-- multigpu:end -->"
 LORA_TERMS = ("lora_params", "lora_grads", "optimizer_state")
 
 
 def rows() -> list[dict[str, str]]:
-    text = resources.files("qlora_kit").joinpath("data/published_multigpu.csv").read_text()
+    text = resources.files("qlora_kit").joinpath("resources/published_multigpu.csv").read_text()
     return list(csv.DictReader(text.splitlines()))
 
 

@@ -4,7 +4,7 @@
     python tools/published_peaks.py --write    # refresh it in README.md (between the markers)
     python tools/published_peaks.py --check    # exit 1 if README.md's table is stale
 
-Rows and sources: qlora_kit/data/published_peaks.csv (a copy of shared/reference/published_peaks.csv).
+Rows and sources: qlora_kit/resources/published_peaks.csv (a copy of shared/reference/published_peaks.csv).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 import readme_section
 
-from qlora_kit.published import compare, markdown_table
+from qlora_kit.measure.published import compare, markdown_table
 
 START, END = "<!-- published:start -->", "<!-- published:end -->"
 

@@ -1,0 +1,336 @@
+"""``qlora-kit export``: merge a LoRA adapter into its base and write a plain Hugging Face checkpoint.
+
+The adapter was trained against dequant(quant(W)), not W, so the default (``merge_into="dequantized"``)
+merges into exactly that, bitsandbytes' rounding repeated bit for bit (:mod:`qlora_kit.export.rounding`);
+``"original"`` merges into the 16-bit checkpoint weights instead. The delta ``scale * B @ A`` is
+computed in fp32 and the sum cast once to the output dtype.
+
+The export streams: it reads the base one safetensors shard and one tensor at a time, merges a linear
+weight a slice of rows at a time, and writes the output shards tensor by tensor (their layout is
+planned from the headers first), so its memory is one 16-bit source tensor plus a few slices, never one
+model. Everything is written to a hidden directory next to ``out``, verified (:mod:`qlora_kit.export.verify`),
+then renamed into place: an interrupted or failed export leaves nothing at ``out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from qlora_kit.adapter import check_fingerprint, quant_source, read_metadata, resolve_base
+from qlora_kit.errors import UsageError
+from qlora_kit.export.merge import Layout, Plan, QuantSource, plan_export, read_adapter, write_shards
+from qlora_kit.export.shards import open_checkpoint, parse_size
+from qlora_kit.export.verify import size_text, verification_skipped, verify_export
+
+MERGE_MODES = ("dequantized", "original")
+OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+class ExportReporter(Protocol):
+    """Where export says what it does: one line at a time, and progress through each phase."""
+
+    def message(self, text: str) -> None: ...
+    def start(self, phase: str, total: int) -> None: ...  # "merge" (bytes) or "verify" (models)
+    def advance(self, amount: int) -> None: ...
+
+
+class SilentReporter:
+    def message(self, text: str) -> None:
+        pass
+
+    def start(self, phase: str, total: int) -> None:
+        pass
+
+    def advance(self, amount: int) -> None:
+        pass
+
+
+def export(
+    adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    base: str | None = None,
+    quant: str | None = None,
+    double_quant: bool | None = None,
+    compute_dtype: str | None = None,
+    merge_into: str = "dequantized",
+    dtype: str = "fp16",
+    max_shard_size: int | str = "5GB",
+    verify: bool | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    reporter: ExportReporter | None = None,
+) -> dict[str, Any]:
+    """Merge the LoRA adapter in ``adapter_dir`` into its base and write a checkpoint to ``out_dir``.
+
+    Base and quantization come from the adapter's ``qlora_kit.json``; for adapters other tools made,
+    ``base`` (else ``adapter_config.json``'s ``base_model_name_or_path``), ``quant`` and
+    ``double_quant`` supply them, and ``compute_dtype`` the dtype the base was loaded in (default: the
+    checkpoint's, what transformers 5 loads by default). ``verify=None`` verifies when the two fp32
+    models it loads fit in the memory available now, and otherwise says so and skips; ``True`` always
+    verifies, ``False`` never. Returns a summary: files, merge mode, verification (max abs diff, KL,
+    tolerance, or why it was skipped) and peak memory. Raises :class:`UsageError` for bad
+    input and :class:`VerificationError` when the merged model does not match.
+    """
+    started = time.perf_counter()
+    reporter = reporter or SilentReporter()
+    if merge_into not in MERGE_MODES:
+        raise UsageError(f"merge_into must be one of {', '.join(MERGE_MODES)}, got {merge_into!r}", "")
+    if dtype not in OUT_DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}", "")
+    shard_bytes = parse_size(max_shard_size)
+    adapter_path, out = Path(adapter_dir), Path(out_dir)
+    if not adapter_path.is_dir():
+        raise UsageError(f"adapter directory {adapter_path} does not exist", "pass the output_dir of a training run")
+    adapter = read_adapter(adapter_path, allow_pickle)
+    metadata = read_metadata(adapter_path)
+    qsource = quant_source(metadata, quant, double_quant, compute_dtype, merge_into)
+    base_path = resolve_base(base, metadata, adapter, adapter_path)
+    check_fingerprint(metadata, base_path)
+    _check_out(out, force, [adapter_path, base_path])
+    checkpoint = open_checkpoint(base_path, allow_pickle)
+    if qsource is None:  # original mode, plain peft adapter
+        qsource = QuantSource("none", False, "")
+    if not qsource.compute_dtype:  # transformers 5 loads in the checkpoint's dtype unless told otherwise
+        qsource = QuantSource(qsource.mode, qsource.double_quant, checkpoint.float_dtype_name())
+    layout = model_layout(base_path, qsource if merge_into == "dequantized" else None, metadata)
+    plan = plan_export(checkpoint, layout, adapter, qsource, merge_into, OUT_DTYPES[dtype], shard_bytes)
+    for note in plan.notes:
+        reporter.message(note)
+    extra_files = _extra_files(adapter_path, base_path)
+    needed = plan.total_bytes + sum(p.stat().st_size for p in extra_files.values()) + 2**20
+    _check_disk(out, needed)
+
+    tmp = out.with_name(f".{out.name}.qlora-kit-partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # a previous export that was killed
+    try:
+        tmp.mkdir(parents=True)
+        reporter.start("merge", plan.total_bytes)
+        write_shards(tmp, plan, checkpoint, reporter.advance)
+        _write_config(tmp, base_path, plan, dtype)
+        for name, src in extra_files.items():
+            shutil.copy2(src, tmp / name)
+        merge_rss = _peak_rss_bytes()
+        verification, skipped = None, verification_skipped(plan, verify)
+        if skipped:
+            reporter.message(f"verification skipped: {skipped}")
+        else:
+            verification = verify_export(tmp, base_path, adapter_path, qsource, merge_into, dtype, layout, reporter)
+        summary = {
+            "out_dir": str(out),
+            "adapter": str(adapter_path),
+            "base": str(base_path),
+            "merge_into": merge_into,
+            "dtype": dtype,
+            "quant": None if qsource.mode == "none" else dataclasses.asdict(qsource),
+            "shards": len(plan.shards),
+            "total_bytes": plan.total_bytes,
+            "tensors": sum(len(s) for s in plan.shards),
+            "merged_tensors": plan.merged,
+            "largest_tensor_bytes": plan.largest_bytes,
+            "verification": verification,
+            "verification_skipped": skipped,
+            "notes": plan.notes,
+            "peak_rss_bytes_merge": merge_rss,
+            "peak_rss_bytes": _peak_rss_bytes(),
+        }
+        (tmp / "README.md").write_text(model_card(summary))
+        _move_into_place(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise UsageError(
+                f"the disk filled up while writing next to {out}; nothing was written",
+                "free some space or choose another --out",
+            ) from None
+        raise
+    summary["elapsed_s"] = round(time.perf_counter() - started, 2)
+    summary["files"] = sorted(p.name for p in out.iterdir())
+    return summary
+
+
+# -- inputs -------------------------------------------------------------------------------------------
+
+
+def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
+    resolved = out.resolve()
+    for p in protected:
+        if resolved == p.resolve() or p.resolve().is_relative_to(resolved):
+            raise UsageError(f"--out {out} would overwrite {p}", "choose a new output directory")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory", "choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out} exists and is not empty", "choose another --out, or pass --force to replace it")
+
+
+def _check_disk(out: Path, needed: int) -> None:
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise UsageError(
+            f"not enough free disk space at {parent}: the export needs about {size_text(needed)}, "
+            f"{size_text(free)} free",
+            "free some space, choose another --out, or export with a smaller --dtype",
+        )
+
+
+def _extra_files(adapter_path: Path, base_path: Path) -> dict[str, Path]:
+    """Tokenizer files (the adapter's own, else the base's) and the base's generation config."""
+    files: dict[str, Path] = {}
+    for source in (adapter_path, base_path):
+        found = [p for p in source.iterdir() if p.is_file() and (p.name in TOKENIZER_FILES or p.suffix == ".tiktoken")]
+        if found:
+            files = {p.name: p for p in found}
+            break
+    if (base_path / "generation_config.json").is_file():
+        files["generation_config.json"] = base_path / "generation_config.json"
+    return files
+
+
+# -- what transformers makes of the checkpoint -------------------------------------------------------
+
+
+def model_layout(base_path: Path, qsource: QuantSource | None, metadata: dict[str, Any] | None) -> Layout:
+    """Build the model on the meta device: its parameter names, ties, GPT-2 ``Conv1D`` weights, and the
+    weights transformers' bitsandbytes integration quantizes (every nn.Linear/Conv1D but the head and
+    other skipped modules; not Falcon's FalconLinear, not transformers 5's 3-D MoE experts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    trust = bool(((metadata or {}).get("recipe") or {}).get("model", {}).get("trust_remote_code", False))
+    try:
+        config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"transformers cannot build the base at {base_path}: {exc}", "check its config.json") from None
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    names = {n for group in groups.values() for n in group} | {n for n, _ in model.named_buffers()}
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    quantized: set[str] = set()
+    if qsource is not None and qsource.mode in ("nf4", "fp4", "int8"):
+        quantized = _bnb_replaced(model)
+    return Layout(names, model.base_model_prefix, quantized, conv1d, [g for g in groups.values() if len(g) > 1], config)
+
+
+def _bnb_replaced(model: Any) -> set[str]:
+    """The weights transformers' bitsandbytes integration replaces, by its own rule, without importing
+    bitsandbytes (its import costs ~120 MiB): every module that is exactly ``nn.Linear`` or a ``Conv1D``,
+    minus the quantizer's ``modules_to_not_convert`` (the output head and tied modules, and the model's
+    ``_keep_in_fp32_modules``) as ``should_convert_module`` matches them (transformers 5.23,
+    ``integrations/bitsandbytes.replace_with_bnb_linear``). tests/test_rounding.py checks it against the
+    real replacement."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip)
+    }
+
+
+def _write_config(tmp: Path, base_path: Path, plan: Plan, dtype: str) -> None:
+    """The base's config.json, with the output dtype, no quantization_config, and ties broken if needed."""
+    config = json.loads((base_path / "config.json").read_text())
+    torch_name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config["dtype"] = torch_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = torch_name
+    if plan.untied:
+        config["tie_word_embeddings"] = False
+        for sub in config.values():
+            if isinstance(sub, dict) and "tie_word_embeddings" in sub:
+                sub["tie_word_embeddings"] = False
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.qlora-kit-old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set so far (VmHWM), including whatever it did before the export."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# -- the model card -------------------------------------------------------------------------------------
+
+
+def model_card(summary: dict[str, Any]) -> str:
+    v = summary["verification"]
+    q = summary["quant"]
+    quant = "a 16-bit base" if q is None else f"an {q['mode']}{' double-quant' if q['double_quant'] else ''} base"
+    into = (
+        "dequant(quant(W)), the weights the adapter was trained against"
+        if summary["merge_into"] == "dequantized"
+        else "the original 16-bit weights W"
+    )
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [qlora-kit, lora, merged]",
+        "---",
+        "",
+        "# Merged LoRA checkpoint",
+        "",
+        f"Written by `qlora-kit export` ({time.strftime('%Y-%m-%d')}): a LoRA adapter trained on {quant}, "
+        f"merged into {into}, saved as {summary['dtype']} safetensors. Loads with plain transformers; "
+        "no peft or bitsandbytes needed.",
+        "",
+        f"- base: `{summary['base']}`",
+        f"- adapter: `{summary['adapter']}`",
+        f"- merge mode: `{summary['merge_into']}`; {summary['merged_tensors']} weights merged",
+        f"- dtype: `{summary['dtype']}`; {summary['shards']} shard(s), {summary['total_bytes'] / 2**20:,.1f} MiB",
+    ]
+    if v is None:
+        lines.append(f"- verification: skipped ({summary.get('verification_skipped') or 'not run'})")
+    else:
+        lines.append(
+            f"- verification: {'passed' if v['passed'] else 'FAILED'} against the {v['reference']} "
+            f"(batch {v['batch'][0]}x{v['batch'][1]} fixed token ids): max |logit diff| {v['max_abs_diff']:.4g} "
+            f"(tolerance {v['tolerance']:.4g}, logit scale {v['logit_scale']:.4g}), KL {v['kl']:.4g}"
+        )
+    lines += [f"- note: {n}" for n in summary["notes"]]
+    return "\n".join(lines) + "\n"

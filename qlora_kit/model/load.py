@@ -1,0 +1,163 @@
+"""Loading the base model and tokenizer: ``BitsAndBytesConfig`` from a spec, then transformers.
+
+The one place that turns a recipe's ``model`` and ``quant`` sections into a loaded model; train,
+export, generate and the measurement tool all load through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qlora_kit.errors import UsageError
+from qlora_kit.recipe import ModelSpec, QuantSpec
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig, PreTrainedModel
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 call (STACK.md)
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def resolve_model_spec(spec: ModelSpec) -> ModelSpec:
+    """The spec with a ``builtin:`` model name replaced by its path inside the package."""
+    from qlora_kit.catalog.bundled import resolve
+
+    return dataclasses.replace(spec, name=resolve(spec.name))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return TORCH_DTYPES[name]
+
+
+def bnb_config(quant: QuantSpec) -> BitsAndBytesConfig | None:
+    """The bitsandbytes quantization a spec asks for (``None`` for a 16-bit base)."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.mode == "none":
+        return None
+    if quant.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.mode,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+    )
+
+
+def _check_local(name: str) -> None:
+    """A name written as a path must be a directory (else transformers mistakes it for a hub id)."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise UsageError(f"model directory {name} does not exist", "check model.name")
+
+
+def load_base(
+    model: ModelSpec, quant: QuantSpec, attn: str = "sdpa", device_map: Any = None, quant_storage: str | None = None
+) -> PreTrainedModel:
+    """Load the base model quantized as the spec says, with ``use_cache`` off for training.
+
+    ``quant_storage`` packs 4-bit codes into that float dtype instead of uint8, so FSDP can shard them
+    (``qlora_kit.train.distributed``); the packed bytes are the same."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local(model.name)
+
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(quant.compute_dtype),
+        "attn_implementation": attn,
+        "revision": model.revision,
+        "trust_remote_code": model.trust_remote_code,
+    }
+    config = bnb_config(quant)
+    if config is not None:
+        if quant_storage is not None and config.load_in_4bit:
+            config.bnb_4bit_quant_storage = torch_dtype(quant_storage)
+        kwargs["quantization_config"] = config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        base = AutoModelForCausalLM.from_pretrained(model.name, **kwargs)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot load model {model.name!r}: {str(exc).splitlines()[0]}",
+            "check the name or path (no network: use a local directory)",
+        ) from None
+    base.config.use_cache = False
+    keep_4bit_weights_as_trained(base)
+    return base
+
+
+def keep_4bit_weights_as_trained(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights on the first CPU inference forward.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode without grad permanently repacks
+    the weight and rounds its absmax to bf16 (``_convert_weight_packed_for_cpu``): an evaluation in
+    the middle of training would change the base the adapter trains against, and the adapter model
+    would no longer compute what export merges. The layer's own switch turns it off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def materialize_random_init(model: ModelSpec, target: Path, seed: int) -> ModelSpec:
+    """Write a random-init checkpoint of ``model``'s config (and its tokenizer files) to ``target``.
+
+    The weights are a function of the config and ``seed``, so an existing ``target`` made from the same
+    config is reused; export later loads the base from there.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = Path(model.name)
+    if not (source / "config.json").is_file():
+        raise UsageError(
+            f"model.random_init needs a directory with config.json, got {model.name!r}",
+            "point model.name at a config directory",
+        )
+    stamp = json.dumps({"config": json.loads((source / "config.json").read_text()), "seed": seed}, sort_keys=True)
+    if not (
+        target.is_dir()
+        and (target / ".random-init.json").is_file()
+        and (target / ".random-init.json").read_text() == stamp
+    ):
+        tmp = target.with_name(f".tmp-{target.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        torch.manual_seed(seed)
+        config = AutoConfig.from_pretrained(source)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        for item in source.iterdir():
+            if item.is_file() and item.name != "config.json":
+                shutil.copy(item, tmp / item.name)
+        (tmp / ".random-init.json").write_text(stamp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return dataclasses.replace(model, name=str(target), random_init=False)
+
+
+def load_tokenizer(model: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    _check_local(model.name)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.name, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot load the tokenizer of {model.name!r}: {str(exc).splitlines()[0]}",
+            "the model directory needs tokenizer files",
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

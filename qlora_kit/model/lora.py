@@ -1,0 +1,85 @@
+"""LoRA on a loaded base: k-bit preparation, gradient checkpointing and peft's ``LoraConfig``.
+
+peft does the work; this module only maps a recipe's ``lora`` section (and the architecture's default
+targets) onto it, in the order the memory planner models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qlora_kit.catalog.models import DEFAULT_TARGETS
+from qlora_kit.knobs import ALL_LINEAR
+from qlora_kit.recipe import LoraSpec, QuantSpec
+
+
+def target_modules(spec: LoraSpec, model_type: str) -> str | list[str]:
+    """peft's ``target_modules``: "all-linear", the architecture's defaults, or the names given."""
+    targets = spec.targets
+    if targets == ALL_LINEAR:
+        return ALL_LINEAR
+    if targets == "default":
+        return list(DEFAULT_TARGETS.get(model_type, ("q_proj", "v_proj")))
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
+def prepare(model: Any, quant: QuantSpec, grad_ckpt: bool, offload_ckpt: bool = False) -> Any:
+    """Freeze the base; for a quantized base run peft's k-bit preparation (fp32 upcast of the
+    unquantized parameters; ``quant.upcast: selective``: of the LayerNorms only, ``qlora_kit.model.savers``); turn on
+    non-reentrant gradient checkpointing when asked, its saved inputs in host memory with ``offload_ckpt``."""
+    from peft import prepare_model_for_kbit_training
+
+    from qlora_kit.model import savers
+
+    ckpt_kwargs = {"use_reentrant": False}
+    if quant.mode != "none" and quant.upcast == "selective":
+        return savers.prepare_selective(model, grad_ckpt, offload_ckpt)
+    if quant.mode != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=grad_ckpt, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            model.enable_input_require_grads()
+    if grad_ckpt and offload_ckpt:
+        savers.enable_checkpointing(model, offload=True)
+    return model
+
+
+def apply_lora(model: Any, spec: LoraSpec) -> Any:
+    """Wrap the (prepared) base in a peft ``PeftModel`` with LoRA adapters; LoRA-FA freezes every
+    ``lora_A`` at its initialization; the ``runlora`` kernel switches the LoRA linears to
+    :mod:`qlora_kit.model.runlora`'s order-choosing forward (same parameters, same saved adapter)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=target_modules(spec, model.config.model_type),
+        bias=spec.bias,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    if spec.variant == "lora-fa":
+        freeze_lora_a(model)
+    if spec.kernel == "runlora":
+        from qlora_kit.model import runlora
+
+        runlora.install(model)
+    return model
+
+
+def freeze_lora_a(model: Any) -> int:
+    """LoRA-FA: A stays at its random initialization, only B trains; autograd then keeps no layer input
+    for A's gradient. (peft's ``create_lorafa_optimizer`` freezes A the same way and adds a projected
+    AdamW for B; qlora-kit keeps the recipe's optimizer, which sees B only.) Returns the frozen count."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen

@@ -1,0 +1,220 @@
+"""The memory model: pure arithmetic in bytes, no torch.
+
+Every term is a function of an :class:`~qlora_kit.catalog.models.ArchSpec` and a :class:`TrainSetup`, with a
+docstring that says where its constants come from. :func:`estimate` adds them into the three named
+quantities the planner reports:
+
+- ``peak_allocated_bytes``: what ``torch.cuda.max_memory_allocated()`` reports over one optimizer step
+  (after the first, so optimizer state exists);
+- ``peak_reserved_bytes``: the same plus the caching allocator's slack (``max_memory_reserved``);
+- ``device_bytes``: reserved plus the CUDA context, what ``nvidia-smi`` shows and the card must hold.
+
+The model describes the stack qlora-kit trains with: transformers' eager/SDPA attention, bitsandbytes
+``Linear4bit``/``Linear8bitLt`` base layers, peft LoRA layers, and peft's
+``prepare_model_for_kbit_training`` (which upcasts every non-4-bit 16-bit parameter to fp32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qlora_kit.catalog.models import ArchSpec, LinearSpec
+from qlora_kit.knobs import TrainSetup
+from qlora_kit.plan.activations import activation_peak_terms, saved_bytes
+
+MIB = 1 << 20
+
+# bitsandbytes 4-bit storage (QLoRA paper, arXiv 2305.14314, section 3; checked against real
+# Params4bit tensors in tests/test_static_terms.py): two 4-bit codes per uint8, one absmax per
+# block of 64 weights (fp32, or uint8 with double quant), a 16-entry fp32 code table per layer;
+# double quant adds one fp32 absmax per 256 absmax values, a 256-entry fp32 table and an fp32 offset.
+NF4_BLOCK = 64
+DQ_BLOCK = 256
+NF4_CODE_BYTES = 16 * 4
+DQ_CODE_BYTES = 256 * 4 + 4
+# bitsandbytes 8-bit optimizers keep tensors under 4096 elements in 32-bit
+# (``min_8bit_size`` default) and quantize the rest blockwise: uint8 state plus one fp32 absmax per
+# 256 values, per state; the two 256-entry fp32 quantization maps are shared by all parameters.
+MIN_8BIT_SIZE = 4096
+OPT8_BLOCK = 256
+OPT8_QMAP_BYTES = 2 * 256 * 4
+# CUDA context with lazy module loading (CUDA >= 11.7) and torch's kernels: about 0.5 GiB on
+# Ampere/Hopper cards (nvidia-smi with an idle torch process). An assumption until measured on a GPU.
+CUDA_CONTEXT_BYTES = 512 * MIB
+# cuBLAS workspaces come from torch's caching allocator, so they count as allocated memory.
+CUBLAS_WORKSPACE_BYTES = 32 * MIB
+# Caching-allocator slack (reserved - allocated) as a fraction of the short-lived bytes: activations
+# and temporaries are freed into cached 2 MiB / 20 MiB segments that cannot all be reused.
+ALLOCATOR_SLACK = 0.05
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A memory estimate: the three reported quantities and the bytes of every term."""
+
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    device_bytes: int
+    paged_bytes: int  # optimizer state in CUDA unified memory: may spill to host RAM
+    host_bytes: int = 0  # checkpointed layers' inputs offloaded to host memory (``offload_ckpt``)
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+
+# -- static terms -----------------------------------------------------------------------------------
+
+
+def _quantized(arch: ArchSpec) -> tuple[LinearSpec, ...]:
+    """The linear layers bitsandbytes quantizes: every nn.Linear/Conv1D but the output head.
+
+    MoE experts stored as 3-D parameters (transformers 5 Mixtral) are not nn.Linear and stay 16-bit;
+    so do all of an architecture whose linears the integration misses (``ArchSpec.bnb_quantizable``).
+    """
+    if not arch.bnb_quantizable:
+        return ()
+    layer = tuple(s for s in arch.layer_linears if not s.experts)
+    return layer * arch.num_layers + arch.extra_linears
+
+
+def linear_weight_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
+    """Storage of the quantizable linear weights: the packed data only (constants: ``quant_state_bytes``).
+
+    16-bit: 2 B/weight. LLM.int8 (``Int8Params.CB``): 1 B/weight. NF4/FP4 (``Params4bit``): two
+    4-bit codes per byte, ceil(n/2) B per layer.
+    """
+    layers = _quantized(arch)
+    if setup.quant == "none":
+        return sum(s.weight_numel for s in layers) * setup.dtype_bytes
+    if setup.quant == "int8":
+        return sum(s.weight_numel for s in layers)
+    return sum((s.weight_numel + 1) // 2 for s in layers)
+
+
+def quant_state_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
+    """Quantization constants of the quantized layers.
+
+    LLM.int8: one fp32 scale per output row (``Int8Params.SCB``, Dettmers et al. 2022).
+    NF4/FP4: one fp32 absmax per 64 weights (0.5 bit/param) and a 16-entry fp32 code table per layer;
+    double quant: uint8 absmax, one fp32 absmax per 256 blocks, a 256-entry fp32 table and an fp32
+    offset per layer, 8/64 + 32/(64*256) ~= 0.127 bit/param (QLoRA paper, section 3).
+    """
+    total = 0
+    for s in _quantized(arch):
+        if setup.quant == "int8":
+            total += s.d_out * 4
+        elif setup.quant in ("nf4", "fp4"):
+            blocks = math.ceil(s.weight_numel / NF4_BLOCK)
+            total += NF4_CODE_BYTES
+            if setup.double_quant:
+                total += blocks + math.ceil(blocks / DQ_BLOCK) * 4 + DQ_CODE_BYTES
+            else:
+                total += blocks * 4
+    return total
+
+
+def other_param_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
+    """Parameters that stay unquantized: embeddings, head, norms, biases, router, MoE experts (and the
+    linears of an architecture bitsandbytes misses).
+
+    They load in ``dtype``; with a quantized base, peft's ``prepare_model_for_kbit_training`` casts
+    every fp16/bf16 parameter that is not ``Params4bit`` to fp32 (peft/utils/other.py), unless the
+    setup keeps them (``upcast="none"``); the selective upcast (``qlora_kit.model.savers``) casts the
+    ``nn.LayerNorm`` parameters only (the "layernorm" families' norms; RMSNorms stay 16-bit).
+    """
+    numel = arch.num_params - sum(s.weight_numel for s in _quantized(arch))
+    upcast = setup.quant != "none" and setup.upcast == "all"
+    if setup.quant != "none" and setup.upcast == "selective" and arch.norm_kind == "layernorm":
+        norm = arch.param_groups()["norm"]
+        return norm * 4 + (numel - norm) * setup.dtype_bytes
+    return numel * (4 if upcast else setup.dtype_bytes)
+
+
+def lora_targets(arch: ArchSpec, setup: TrainSetup) -> tuple[LinearSpec, ...]:
+    return arch.linears_named(setup.targets)
+
+
+def lora_tensor_sizes(arch: ArchSpec, setup: TrainSetup) -> list[int]:
+    """Element counts of every LoRA tensor: A is (r, d_in), B is (d_out, r), per target per layer."""
+    sizes: list[int] = []
+    for s in lora_targets(arch, setup):
+        sizes += [setup.rank * s.d_in, s.d_out * setup.rank] * arch.num_layers
+    return sizes
+
+
+def lora_param_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
+    """LoRA parameters, r (d_in + d_out) per adapted layer, in fp32: peft's ``get_peft_model``
+    upcasts adapter weights of a 16-bit base (``autocast_adapter_dtype=True``); LoRA paper section 4."""
+    return sum(lora_tensor_sizes(arch, setup)) * 4
+
+
+def trained_lora_sizes(arch: ArchSpec, setup: TrainSetup) -> list[int]:
+    """Element counts of the LoRA tensors that train: all of them, or only every B under LoRA-FA."""
+    sizes = lora_tensor_sizes(arch, setup)
+    return sizes[1::2] if setup.lora_fa else sizes
+
+
+def lora_grad_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
+    """Gradients of the trained LoRA parameters, one fp32 value each (the frozen base has none)."""
+    return sum(trained_lora_sizes(arch, setup)) * 4
+
+
+def optimizer_state_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
+    """Optimizer state of the LoRA parameters.
+
+    AdamW (torch or bitsandbytes 32-bit): exp_avg and exp_avg_sq in fp32, 8 B/param (torch's ``step``
+    scalars live on the host). bitsandbytes 8-bit: for tensors with at least ``min_8bit_size`` = 4096
+    elements, two uint8 states plus one fp32 absmax per 256 values each; smaller tensors keep 32-bit
+    state; the two 256-entry fp32 maps are shared (bitsandbytes/optim/optimizer.py). Paged variants
+    hold the same bytes in CUDA unified memory.
+    """
+    sizes = trained_lora_sizes(arch, setup)
+    if not setup.optimizer.endswith("8bit"):
+        return sum(sizes) * 8
+    total = OPT8_QMAP_BYTES if any(n >= MIN_8BIT_SIZE for n in sizes) else 0
+    for n in sizes:
+        if n >= MIN_8BIT_SIZE:
+            total += 2 * (n + math.ceil(n / OPT8_BLOCK) * 4)
+        else:
+            total += n * 8
+    return total
+
+
+def offloaded_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
+    """Host memory the offloaded checkpoints take: every checkpointed layer's input (``qlora_kit.model.savers``)."""
+    offloaded: int = saved_bytes(arch, setup)["offloaded"]  # type: ignore[assignment]
+    return offloaded
+
+
+def estimate(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> Estimate:
+    """Add the terms into the three reported quantities (see the module docstring).
+
+    ``device="cpu"`` describes a step on the CPU instead (what ``tools/measure_memory.py`` checks the
+    model against): CPU kernels' dtypes in the activation terms, and no cuBLAS workspace, allocator
+    slack or CUDA context, so ``peak_allocated_bytes`` is the peak of live tensor bytes.
+    """
+    cuda = device == "cuda"
+    opt = optimizer_state_bytes(arch, setup)
+    breakdown = {
+        "linear_weights": linear_weight_bytes(arch, setup),
+        "quant_state": quant_state_bytes(arch, setup),
+        "other_params": other_param_bytes(arch, setup),
+        "lora_params": lora_param_bytes(arch, setup),
+        "lora_grads": lora_grad_bytes(arch, setup),
+        "optimizer_state": 0 if setup.paged else opt,
+        **activation_peak_terms(arch, setup, device),
+        "cublas_workspace": CUBLAS_WORKSPACE_BYTES if cuda else 0,
+    }
+    allocated = sum(breakdown.values())
+    short_lived = breakdown["activations"] + breakdown["logits_loss"] + breakdown["transient"]
+    slack = int(ALLOCATOR_SLACK * short_lived) if cuda else 0
+    breakdown["allocator_slack"] = slack
+    breakdown["cuda_context"] = CUDA_CONTEXT_BYTES if cuda else 0
+    reserved = allocated + slack
+    return Estimate(
+        peak_allocated_bytes=allocated,
+        peak_reserved_bytes=reserved,
+        device_bytes=reserved + breakdown["cuda_context"],
+        paged_bytes=opt if setup.paged else 0,
+        host_bytes=offloaded_bytes(arch, setup) if cuda else 0,
+        breakdown=breakdown,
+    )

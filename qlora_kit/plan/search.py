@@ -1,0 +1,377 @@
+"""Choosing the knobs: search the settings a user left open and pick the best that fits the card.
+
+Pure: no torch, no I/O. The preference order (documented in docs/planner.md and tested) is
+lexicographic, most important first:
+
+1. base precision: a 16-bit base if it fits, else NF4 with double quant (QLoRA: matches 16-bit LoRA
+   quality in less memory). LLM.int8 and FP4 are used only when asked for: NF4 + double quant takes
+   less memory than int8 at equal quality, and int8 matmuls are slower;
+2. speed: gradient checkpointing off (it recomputes the forward pass, roughly a third more compute);
+3. capacity: LoRA on all linear layers (the QLoRA paper's finding) before attention-only targets;
+4. throughput: the largest micro-batch up to the effective batch;
+5. optimizer: AdamW (LoRA state is small), then paged AdamW (spills to host on spikes), then paged
+   8-bit AdamW.
+
+A setting "fits" when its ``device_bytes`` plus a headroom of 5% of the card stays within the card.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import cast
+
+from qlora_kit.catalog.gpus import GIB, DeviceSpec, gpu_table
+from qlora_kit.catalog.models import DEFAULT_TARGETS, ArchSpec
+from qlora_kit.errors import UsageError
+from qlora_kit.knobs import ALL_LINEAR, ATTNS, DTYPES, OPTIMIZERS, QUANTS, STRATEGIES, UPCASTS, TrainSetup
+from qlora_kit.plan import multigpu
+from qlora_kit.plan.memory import Estimate
+
+HEADROOM = 0.05
+MAX_MICRO_BATCH = 16
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the user fixed; ``None`` leaves a knob to the search."""
+
+    quant: str | None = None
+    double_quant: bool | None = None
+    rank: int | None = None
+    targets: str | None = None  # "all-linear", "default", or comma-separated leaf names
+    optimizer: str | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    grad_ckpt: bool | None = None
+    attn: str = "sdpa"
+    dtype: str | None = None
+    effective_batch: int = 16
+    lora_dropout: float = 0.05
+    lora_fa: bool = False
+    kernel: str = "peft"  # peft | runlora
+    upcast: str = "all"  # all | selective (qlora_kit.model.savers)
+    chunked_loss: bool = False
+    offload_ckpt: bool = False  # needs grad_ckpt
+    gpus: int = 1  # GPUs available; the search prefers the fewest that fit (qlora_kit.plan.multigpu)
+    strategy: str | None = None  # ddp | fsdp | fsdp-offload; None: searched
+
+
+@dataclass(frozen=True)
+class Candidate:
+    setup: TrainSetup
+    grad_accum: int
+    targets_label: str
+    estimate: Estimate  # per GPU
+    fits: bool
+    gpus: int = 1
+    strategy: str = "ddp"
+
+    def choice(self) -> dict[str, object]:
+        s = self.setup
+        return {
+            "quant": s.quant,
+            "double_quant": s.double_quant,
+            "rank": s.rank,
+            "targets": self.targets_label,
+            "optimizer": s.optimizer,
+            "batch_size": s.batch_size,
+            "grad_accum": self.grad_accum,
+            "seq_len": s.seq_len,
+            "grad_ckpt": s.grad_ckpt,
+            "attn": s.attn,
+            "dtype": s.dtype,
+        }
+
+    def switches(self) -> dict[str, object]:
+        """The LoRA variant and memory-saver switches (recipe keys lora.variant/kernel, quant.upcast,
+        train.chunked_loss/offload_ckpt)."""
+        s = self.setup
+        return {
+            "lora_fa": s.lora_fa,
+            "kernel": "runlora" if s.runlora else "peft",
+            "upcast": s.upcast,
+            "chunked_loss": s.chunked_loss,
+            "offload_ckpt": s.offload_ckpt,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    arch: ArchSpec
+    device: DeviceSpec
+    best: Candidate  # the chosen setting, or the smallest footprint when nothing fits
+    fits: bool
+    runners_up: list[Candidate] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def limit_bytes(self) -> int:
+        return fit_limit(self.device)
+
+
+def fit_limit(device: DeviceSpec) -> int:
+    return int(device.memory_bytes * (1 - HEADROOM))
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _validate(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> None:
+    problems: list[str] = []
+    if c.gpus < 1:
+        problems.append(f"--gpus must be a positive integer, got {c.gpus}")
+    if c.strategy is not None and c.strategy not in STRATEGIES:
+        problems.append(f"--strategy must be one of {', '.join(STRATEGIES)}")
+    if c.quant is not None and c.quant not in QUANTS:
+        problems.append(f"--quant must be one of auto, {', '.join(QUANTS)}")
+    if c.optimizer is not None and c.optimizer not in OPTIMIZERS:
+        problems.append(f"--optimizer must be one of auto, {', '.join(OPTIMIZERS)}")
+    if c.dtype is not None and c.dtype not in DTYPES:
+        problems.append(f"--dtype must be one of {', '.join(DTYPES)}")
+    if c.attn not in ATTNS:
+        problems.append(f"--attn must be one of {', '.join(ATTNS)}")
+    for name, value in (
+        ("--rank", c.rank),
+        ("--batch-size", c.batch_size),
+        ("--seq-len", c.seq_len),
+        ("--effective-batch", c.effective_batch),
+    ):
+        if value is not None and value < 1:
+            problems.append(f"{name} must be a positive integer, got {value}")
+    if c.seq_len and arch.max_positions and c.seq_len > arch.max_positions:
+        problems.append(f"--seq-len {c.seq_len} is longer than {arch.name} allows ({arch.max_positions})")
+    if c.double_quant and c.quant in ("none", "int8"):
+        problems.append(f"--double-quant applies to 4-bit bases only, not --quant {c.quant}")
+    if c.dtype == "bf16" and not device.bf16:
+        problems.append(f"{device.name} has no bf16 support; use --dtype fp16")
+    if not 0 <= c.lora_dropout < 1:
+        problems.append("--lora-dropout must be in [0, 1)")
+    if c.upcast not in UPCASTS:
+        problems.append(f"--upcast must be one of {', '.join(UPCASTS)}")
+    if c.offload_ckpt and c.grad_ckpt is False:
+        problems.append("--offload-ckpt offloads gradient checkpoints: it needs --grad-ckpt")
+    if problems:
+        raise UsageError("; ".join(problems), "see `qlora-kit plan --help`")
+
+
+def resolve_targets(arch: ArchSpec, spec: str | None) -> tuple[str, tuple[str, ...]]:
+    """("label", leaf names) for "all-linear", "default" or a comma-separated list of names."""
+    if spec in (None, ALL_LINEAR):
+        return ALL_LINEAR, arch.linear_names()
+    if spec == "default":
+        names = DEFAULT_TARGETS[arch.model_type]
+        return ",".join(names), names
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    unknown = [n for n in names if n not in arch.linear_names()]
+    if unknown or not names:
+        raise UsageError(
+            f"--targets {spec!r}: {', '.join(unknown) or 'no names'} not a linear layer of {arch.name}",
+            f"choose from {', '.join(arch.linear_names())}, or all-linear",
+        )
+    return ",".join(names), names
+
+
+def default_seq_len(arch: ArchSpec) -> int:
+    return min(2048, arch.max_positions or 2048)
+
+
+def _options(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> dict[str, list[object]]:
+    """Every knob's candidate values, best first (the module docstring's order)."""
+    quants = [c.quant] if c.quant else ["none", "nf4"]
+    target_specs: list[object] = [c.targets] if c.targets else [ALL_LINEAR, "default"]
+    largest = min(MAX_MICRO_BATCH, c.effective_batch)
+    batches = [c.batch_size] if c.batch_size else [b for b in (16, 8, 4, 2, 1) if b <= largest] or [1]
+    return {
+        "base": list(multigpu.bases(c.gpus, c.strategy, quants)),  # (GPUs, strategy, quant): fewest GPUs first
+        "grad_ckpt": [c.grad_ckpt] if c.grad_ckpt is not None else [True] if c.offload_ckpt else [False, True],
+        "targets": target_specs,
+        "batch_size": list(batches),
+        "optimizer": [c.optimizer] if c.optimizer else ["adamw", "paged_adamw", "paged_adamw8bit"],
+    }
+
+
+def _candidate(arch: ArchSpec, c: Constraints, device: DeviceSpec, knobs: dict[str, object]) -> Candidate:
+    gpus, strategy, quant = cast(tuple[int, str, str], knobs["base"])
+    double_quant = quant in ("nf4", "fp4") and (c.double_quant if c.double_quant is not None else True)
+    label, names = resolve_targets(arch, knobs["targets"])  # type: ignore[arg-type]
+    batch = int(knobs["batch_size"])  # type: ignore[call-overload]
+    setup = TrainSetup(
+        quant=quant,
+        double_quant=double_quant,
+        dtype=c.dtype or ("bf16" if device.bf16 else "fp16"),
+        rank=c.rank or 16,
+        targets=names,
+        optimizer=str(knobs["optimizer"]),
+        batch_size=batch,
+        seq_len=c.seq_len or default_seq_len(arch),
+        grad_ckpt=bool(knobs["grad_ckpt"]),
+        attn=c.attn,
+        lora_dropout=c.lora_dropout,
+        lora_fa=c.lora_fa,
+        runlora=c.kernel == "runlora",
+        upcast=c.upcast,
+        chunked_loss=c.chunked_loss,
+        offload_ckpt=c.offload_ckpt,
+    )
+    est = multigpu.per_gpu(arch, setup, gpus, strategy)
+    # micro-batch per GPU: the GPUs together make up the effective batch
+    accum = max(1, math.ceil(c.effective_batch / (batch * gpus)))
+    return Candidate(setup, accum, label, est, est.device_bytes <= fit_limit(device), gpus, strategy)
+
+
+def candidates(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> list[Candidate]:
+    """All settings in preference order (lexicographic over the knobs in ``_options`` order)."""
+    opts = _options(arch, c, device)
+    combos: list[dict[str, object]] = [{}]
+    for knob, values in opts.items():
+        combos = [{**combo, knob: v} for combo in combos for v in values]
+    return [_candidate(arch, c, device, k) for k in combos]
+
+
+def plan(arch: ArchSpec, device: DeviceSpec, c: Constraints) -> Plan:
+    """Pick the best setting that fits, explain why, and say what would help when none does."""
+    _validate(arch, c, device)
+    cands = candidates(arch, c, device)
+    fitting = [x for x in cands if x.fits]
+    if fitting:
+        best = fitting[0]
+        runners = _runners_up(best, fitting[1:])
+        reasons = multigpu.reasons(best.estimate, c.gpus, best.gpus, best.strategy)
+        return Plan(arch, device, best, True, runners, reasons + _reasons(arch, best, cands, device, c), [])
+    smallest = min(cands, key=lambda x: x.estimate.device_bytes)
+    return Plan(
+        arch, device, smallest, False, [], [], _notes(arch, smallest.setup) + _advice(arch, c, device, smallest)
+    )
+
+
+def _runners_up(best: Candidate, rest: list[Candidate], n: int = 3) -> list[Candidate]:
+    """Fitting alternatives that differ from the choice in a knob a user cares about."""
+    picked: list[Candidate] = []
+    seen = {(best.setup.quant, best.setup.grad_ckpt, best.targets_label)}
+    for x in rest:
+        key = (x.setup.quant, x.setup.grad_ckpt, x.targets_label)
+        if key not in seen:
+            seen.add(key)
+            picked.append(x)
+        if len(picked) == n:
+            break
+    return picked
+
+
+def _notes(arch: ArchSpec, s: TrainSetup) -> list[str]:
+    """Surprises of the stack that change what a setting means."""
+    if s.quant != "none" and not arch.bnb_quantizable:
+        return [
+            "note: transformers' bitsandbytes integration does not quantize this architecture's linear "
+            "layers; they stay 16-bit (fp32 after k-bit preparation)"
+        ]
+    return []
+
+
+def _reasons(arch: ArchSpec, best: Candidate, cands: list[Candidate], device: DeviceSpec, c: Constraints) -> list[str]:
+    s, limit = best.setup, fit_limit(device)
+    reasons: list[str] = []
+    reasons += _notes(arch, s)
+    if s.quant == "none":
+        reasons.append(
+            f"16-bit base: the unquantized model fits ({_gib(best.estimate.device_bytes)} of "
+            f"{_gib(limit)} usable), so no quantization error"
+        )
+    else:
+        same = [x for x in cands if (x.gpus, x.strategy) == (best.gpus, best.strategy)]
+        need = min((x.estimate.device_bytes for x in same if x.setup.quant == "none"), default=0)
+        if c.quant is None and best.gpus > 1 and best.strategy != "ddp":
+            reasons.append(f"{s.quant.upper()} base: sharded, QLoRA comes before a 16-bit base (4x the bytes to move)")
+        elif c.quant is None:
+            reasons.append(
+                f"{s.quant.upper()}{' + double quant' if s.double_quant else ''} base: a 16-bit "
+                f"base needs at least {_gib(need)}, more than the {_gib(limit)} usable"
+            )
+        else:
+            reasons.append(f"{s.quant} base: fixed by --quant")
+    if s.grad_ckpt:
+        no_ckpt = [
+            x.estimate.device_bytes
+            for x in cands
+            if x.setup.quant == s.quant and not x.setup.grad_ckpt and (x.gpus, x.strategy) == (best.gpus, best.strategy)
+        ]
+        if c.grad_ckpt is None and no_ckpt:
+            reasons.append(f"gradient checkpointing on: without it the smallest setting needs {_gib(min(no_ckpt))}")
+        else:
+            reasons.append("gradient checkpointing on: fixed by --grad-ckpt")
+    else:
+        reasons.append("gradient checkpointing off: it fits without recomputing the forward pass (faster)")
+    reasons.append(
+        f"LoRA r={s.rank} on {best.targets_label}"
+        + (" (all linear layers, as QLoRA recommends)" if best.targets_label == ALL_LINEAR else "")
+    )
+    reasons.append(
+        f"micro-batch {s.batch_size} x {best.grad_accum} accumulation steps: the largest micro-batch "
+        f"that fits for an effective batch of {s.batch_size * best.grad_accum}"
+    )
+    opt = best.estimate.paged_bytes or best.estimate.breakdown["optimizer_state"]
+    if best.strategy == "fsdp-offload" and best.gpus > 1:
+        reasons.append(f"optimizer {s.optimizer}: its state is offloaded to host RAM with the shards")
+    else:
+        where = "per GPU" if best.gpus > 1 else "on the GPU"
+        reasons.append(f"optimizer {s.optimizer}: its state is {opt / (1 << 20):.0f} MiB {where}")
+    return reasons
+
+
+def _advice(arch: ArchSpec, c: Constraints, device: DeviceSpec, smallest: Candidate) -> list[str]:
+    limit = fit_limit(device)
+    need = smallest.estimate.device_bytes
+    advice = [
+        f"nothing fits: the smallest setting needs {_gib(need)}, {_gib(need - limit)} more than the "
+        f"{_gib(limit)} usable on {device.name}"
+    ]
+    # the longest sequence that fits with the smallest setting
+    lo, hi = 0, smallest.setup.seq_len
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        shorter = smallest.setup.with_(seq_len=mid)
+        if multigpu.per_gpu(arch, shorter, smallest.gpus, smallest.strategy).device_bytes <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo >= 64:
+        advice.append(f"a shorter sequence: --seq-len {lo} fits with the smallest setting")
+    bigger = sorted((d for d in gpu_table() if fit_limit(d) >= need), key=lambda d: d.memory_bytes)
+    if bigger:
+        advice.append(f"a bigger card: {bigger[0].name} ({bigger[0].memory_gib:.0f} GiB) or larger")
+    more = multigpu.fewest_gpus(arch, smallest.setup, limit, above=c.gpus)
+    if more:
+        advice.append(
+            f"more GPUs: {more[0]} x {device.name} with {more[1]} (`--gpus {more[0]}`; activations are not sharded)"
+        )
+    return advice
+
+
+def plan_json(p: Plan) -> dict[str, object]:
+    """The ``plan --json`` object (schema in docs/planner.md)."""
+    est = p.best.estimate
+    return {
+        "model": p.arch.name,
+        "gpu": p.device.name,
+        "gpu_bytes": p.device.memory_bytes,
+        "limit_bytes": p.limit_bytes,
+        "fits": p.fits,
+        "peak_allocated_bytes": est.peak_allocated_bytes,
+        "peak_reserved_bytes": est.peak_reserved_bytes,
+        "device_bytes": est.device_bytes,
+        "paged_bytes": est.paged_bytes,
+        "host_bytes": est.host_bytes,
+        "gpus": p.best.gpus,
+        "strategy": p.best.strategy,
+        "placement": multigpu.placement(est, p.best.gpus, p.best.strategy),
+        "choice": {**p.best.choice(), **p.best.switches()},
+        "breakdown": dict(est.breakdown),
+        "reasons": list(p.reasons),
+        "advice": list(p.advice),
+        "runners_up": [
+            {"choice": {**x.choice(), **x.switches()}, "device_bytes": x.estimate.device_bytes} for x in p.runners_up
+        ],
+    }
