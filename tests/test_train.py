@@ -140,7 +140,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted at step" in err and "--resume" in err
+    assert "Traceback" not in err and "interrupted after step" in err and "--resume" in err
     (ckpt,) = list((out / "checkpoints").iterdir())
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] >= 3 and (ckpt / "adapter_model.safetensors").is_file()

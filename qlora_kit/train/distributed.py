@@ -236,9 +236,6 @@ def optimizer_state(model: Any, optimizer: Any, d: Dist) -> dict[str, Any] | Non
 
 def load_sharded(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """Resume an FSDP run: full adapter and optimizer state from ``path`` into this rank's shards."""
-    import json
-
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -247,23 +244,25 @@ def load_sharded(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict
 
     from qlora_kit.train import checkpoint
 
-    saved = load_file(str(path / "adapter_model.safetensors"))
+    state = checkpoint.read_state(path)
+    optim, sched = checkpoint.read_torch(path, "optimizer.pt"), checkpoint.read_torch(path, "scheduler.pt")
+    rng = checkpoint.read_rng(path)
+    if not isinstance(optim, dict) or not all(isinstance(k, str) for k in optim.get("state", {})):
+        raise UsageError(
+            f"{path} was written by a one-GPU or DDP run; an FSDP run resumes only its own checkpoints",
+            "resume with the strategy that wrote it (--set train.strategy=ddp)",
+        )
+    saved = checkpoint.read_adapter(path)
     adapter = unwrap(model).active_adapter
     # peft saves names without the adapter's name: lora_A.default.weight -> lora_A.weight
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     weights: dict[str, Any] = {n: saved[n.replace(f".{adapter}.", ".")] for n in names}
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=options)
-    optim = torch.load(path / "optimizer.pt", weights_only=False)
-    if not all(isinstance(k, str) for k in optim.get("state", {})):
-        raise UsageError(
-            f"{path} was written by a one-GPU or DDP run; an FSDP run resumes only its own checkpoints",
-            "resume with the strategy that wrote it (--set train.strategy=ddp)",
-        )
     set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    checkpoint.set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return dict(json.loads((path / checkpoint.STATE_FILE).read_text()))
+    scheduler.load_state_dict(sched)
+    checkpoint.restore_rng(path, rng)
+    return state
 
 
 # -- launching --------------------------------------------------------------------------------------

@@ -137,26 +137,124 @@ def _total_steps(recipe: Recipe, epoch_batches: int) -> int:
     return max(1, math.ceil(t.epochs * epoch_batches / t.grad_accum))
 
 
-def _prepare_output(output_dir: Path, resume: bool, force: bool) -> Path | None:
-    """The checkpoint to resume from; refuse to overwrite a previous run by accident."""
+# what a resumed run must share with the checkpoint it continues: the model, its quantization, the
+# adapter's shape, the data and its order, and how a step is made of micro-batches
+RESUME_KEYS = (
+    "model.",
+    "quant.",
+    "lora.",
+    "data.",
+    "train.micro_batch",
+    "train.grad_accum",
+    "train.optimizer",
+    "train.seed",
+    "train.gpus",
+    "train.strategy",
+)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resumable(recipe: Recipe, path: Path) -> None:
+    """Refuse to resume ``path`` with a recipe that changed what the checkpoint was trained with."""
+    saved = checkpoint.read_state(path).get("recipe")
+    if not isinstance(saved, dict):
+        return  # written before checkpoints kept their recipe
+    now, then = _flat(recipe.to_dict()), _flat(saved)
+    for key in sorted(now):
+        if key.startswith(RESUME_KEYS) and key in then and now[key] != then[key]:
+            raise UsageError(
+                f"--resume: {key} is {now[key]!r} in the recipe but the checkpoint {path.name} was trained with "
+                f"{then[key]!r}",
+                f"resume with --set {key}={then[key]}, or start a new run (--force, or another train.output_dir)",
+            )
+
+
+def _prepare_output(output_dir: Path, resume: bool, force: bool) -> tuple[Path | None, bool]:
+    """The checkpoint to resume from, and whether a previous run is there (refused unless ``force``).
+
+    Nothing is deleted here: a previous run is moved aside only once the new one is ready to write."""
     if resume:
         found = checkpoint.latest(output_dir)
         if found is None:
             raise UsageError(
                 f"--resume: no complete checkpoint in {output_dir / 'checkpoints'}", "start without --resume"
             )
-        return found
-    previous = checkpoint.latest(output_dir) or (output_dir / METADATA_FILE).exists()
+        return found, False
+    previous = bool(checkpoint.latest(output_dir)) or (output_dir / METADATA_FILE).exists()
     if previous and not force:
         raise UsageError(
             f"{output_dir} holds a previous run",
             "pass --resume to continue it, --force to start over, or --set train.output_dir=NEW",
         )
-    if previous:
-        shutil.rmtree(checkpoint.checkpoint_dir(output_dir), ignore_errors=True)
-        for name in (METADATA_FILE, METRICS_FILE):
-            (output_dir / name).unlink(missing_ok=True)
-    return None
+    return None, previous
+
+
+class PreviousRun:
+    """A previous run's checkpoints, metrics and metadata, moved aside while ``--force`` starts over.
+
+    They come back if the new run fails before it has a checkpoint of its own, and are deleted once
+    it has one (or completes): a failed command never destroys earlier work."""
+
+    NAMES = ("checkpoints", METADATA_FILE, METRICS_FILE)
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir, self.aside = output_dir, output_dir / ".previous-run"
+        shutil.rmtree(self.aside, ignore_errors=True)
+        self.aside.mkdir()
+        for name in self.NAMES:
+            if (output_dir / name).exists():
+                os.replace(output_dir / name, self.aside / name)
+
+    def restore(self) -> None:
+        if not self.aside.exists():
+            return
+        for name in self.NAMES:
+            if (self.aside / name).exists():
+                target = self.output_dir / name
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+                os.replace(self.aside / name, target)
+        shutil.rmtree(self.aside, ignore_errors=True)
+
+    def drop(self) -> None:
+        shutil.rmtree(self.aside, ignore_errors=True)
+
+
+class StepBoundaryInterrupt:
+    """Ctrl-C takes effect between two optimizer steps, never inside one.
+
+    The first SIGINT only sets a flag; the loop checks it after each optimizer step and saves a
+    checkpoint of exactly that state (weights, optimizer, scheduler, data position, RNG). A second
+    SIGINT stops at once without saving. Outside the main thread (no signal handlers) Ctrl-C is
+    Python's KeyboardInterrupt as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StepBoundaryInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class SilentReporter:
@@ -174,16 +272,55 @@ class TrainResult:
     model: Any  # the trained PeftModel, still in memory
 
 
+@dataclass
+class Run:
+    """Everything the loop needs, set up and checked."""
+
+    recipe: Recipe
+    reporter: Reporter
+    output_dir: Path
+    device: Device
+    dist: Any
+    model_name: str
+    tokenizer: Any
+    tokenized: Any
+    stream: Any
+    peft_model: Any = None
+    model: Any = None
+    params: list[torch.nn.Parameter] | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    total: int = 0
+
+
 def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bool = False) -> TrainResult:
     """Run a recipe to the end (or to Ctrl-C, raising :class:`Interrupted`)."""
+    output_dir = Path(recipe.train.output_dir)
+    resume_from, previous = _prepare_output(output_dir, resume, force)
+    if resume_from is not None:
+        check_resumable(recipe, resume_from)
+    run = _prepare_inputs(recipe, reporter, output_dir, force)
+    aside = PreviousRun(output_dir) if previous and run.dist.main else None
+    try:
+        _build_model(run)
+        step, history = _resume(run, resume_from) if resume_from is not None else (0, [])
+        result = _loop(run, step, history, aside)
+    except BaseException:
+        if aside is not None:
+            aside.restore()
+        raise
+    if aside is not None:
+        aside.drop()
+    return result
+
+
+def _prepare_inputs(recipe: Recipe, reporter: Reporter, output_dir: Path, force: bool) -> Run:
+    """Everything that can be checked before a weight loads: the data, the tokenizer, the fit."""
     from qlora_kit.data import load as datalib
     from qlora_kit.data.batches import BatchStream
-    from qlora_kit.model.load import load_base, load_tokenizer, materialize_random_init, resolve_model_spec
-    from qlora_kit.model.lora import apply_lora, prepare
-    from qlora_kit.model.savers import causal_lm_loss
+    from qlora_kit.model.load import load_tokenizer, materialize_random_init, resolve_model_spec
 
-    t, output_dir = recipe.train, Path(recipe.train.output_dir)
-    resume_from = _prepare_output(output_dir, resume, force)
+    t = recipe.train
     device = detect_device()
     dist = distributed.setup(t.strategy, device.kind)  # one process: Dist(world=1), nothing changes
     if dist.active and t.chunked_loss:
@@ -193,7 +330,6 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
         )
     if not dist.main:
         reporter = SilentReporter()  # rank 0 reports for the run
-    torch.manual_seed(t.seed)
 
     # data problems surface before anything heavy happens
     model_spec = resolve_model_spec(recipe.model)
@@ -210,7 +346,6 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
     stream = BatchStream(
         tokenized.train, micro, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
     )
-
     if recipe.model.random_init:
         if not dist.main:
             distributed.barrier(dist)  # rank 0 writes the random-init base, the others then reuse it
@@ -218,110 +353,170 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
         if dist.main:
             distributed.barrier(dist)
     check_fits(distributed.as_launched(recipe, dist), model_spec.name, device, reporter, force)  # per GPU
-    output_dir.mkdir(parents=True, exist_ok=True)  # only once inputs have been checked
-    storage = distributed.quant_storage(dist, recipe.quant.compute_dtype)
-    model = load_base(model_spec, recipe.quant, t.attn, distributed.device_map(dist, device.kind), storage)
-    model = apply_lora(prepare(model, recipe.quant, t.grad_ckpt, t.offload_ckpt), recipe.lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in model.parameters())
-    reporter.message(f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.3f}%)")
+    return Run(recipe, reporter, output_dir, device, dist, model_spec.name, tokenizer, tokenized, stream)
+
+
+def _build_model(run: Run) -> None:
+    """Load the base quantized, prepare it, add LoRA; the optimizer and schedule over the LoRA weights."""
+    import dataclasses as dc
 
     from transformers import get_scheduler
 
-    total = _total_steps(recipe, stream.epoch_batches)
-    peft_model, model = model, distributed.wrap(model, dist, device.kind)  # FSDP: before the optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
-    scheduler = get_scheduler(t.schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total)
+    from qlora_kit.model.load import load_base
+    from qlora_kit.model.lora import apply_lora, prepare
 
-    step, history = 0, []
-    if resume_from is not None:
-        if dist.sharded:
-            state = distributed.load_sharded(resume_from, model, optimizer, scheduler)
-        else:
-            state = checkpoint.load(resume_from, peft_model, optimizer, scheduler)
-        step, history = state["step"], state["history"]
-        stream.load_state_dict(state["data"])
-        if dist.main:  # one writer: another rank reading while rank 0 rewrites would see an empty file
-            _truncate_metrics(output_dir / METRICS_FILE, step)
-        reporter.message(f"resumed from {resume_from} at step {step}")
+    recipe, t, dist = run.recipe, run.recipe.train, run.dist
+    run.output_dir.mkdir(parents=True, exist_ok=True)  # only once inputs have been checked
+    torch.manual_seed(t.seed)  # the LoRA init: the same whatever ran before in this process
+    storage = distributed.quant_storage(dist, recipe.quant.compute_dtype)
+    spec = dc.replace(recipe.model, name=run.model_name, random_init=False)
+    model = load_base(spec, recipe.quant, t.attn, distributed.device_map(dist, run.device.kind), storage)
+    model = apply_lora(prepare(model, recipe.quant, t.grad_ckpt, t.offload_ckpt), recipe.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    run.reporter.message(
+        f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.3f}%)"
+    )
+    run.total = _total_steps(recipe, run.stream.epoch_batches)
+    run.peft_model, run.model = model, distributed.wrap(model, dist, run.device.kind)  # FSDP: before the optimizer
+    run.params = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer = _optimizer(t.optimizer, run.params, t.lr, t.weight_decay)
+    run.scheduler = get_scheduler(
+        t.schedule, run.optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=run.total
+    )
 
-    def eval_loss() -> float | None:
-        """Mean token loss over one pass of the eval split, always the same batches."""
-        if not tokenized.eval:
-            return None
-        fresh = BatchStream(
-            tokenized.eval, t.micro_batch, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
-        )
-        return evaluate(model, fresh, fresh.epoch_batches, device.kind, t.chunked_loss)
 
-    def save_checkpoint(at_step: int, data_state: dict[str, Any], rng: dict[str, Any]) -> Path:
-        state = {"data": data_state, "history": history[:at_step]}
-        full = distributed.adapter_state(model, dist), distributed.optimizer_state(model, optimizer, dist)
-        if not dist.main:
-            return checkpoint.checkpoint_dir(output_dir) / f"{checkpoint.PREFIX}{at_step:06d}"
-        return checkpoint.save(
-            output_dir, at_step, peft_model, optimizer, scheduler, rng, state, t.save_total_limit, *full
-        )
-
-    model.train()
-    reporter.start(total, step)
-    started, tokens_seen = time.perf_counter(), 0
-    data_state, rng = stream.state_dict(), checkpoint.rng_state()
+def _resume(run: Run, path: Path) -> tuple[int, list[float]]:
+    if run.dist.sharded:
+        state = distributed.load_sharded(path, run.model, run.optimizer, run.scheduler)
+    else:
+        state = checkpoint.load(path, run.peft_model, run.optimizer, run.scheduler)
     try:
-        while step < total:
-            data_state, rng = stream.state_dict(), checkpoint.rng_state()  # the state a resume needs
-            loss_sum = 0.0
-            for micro_step in range(t.grad_accum):
-                batch = _to(next(stream), device.kind)
-                tokens_seen += int(batch["input_ids"].numel())
-                batch, weight = distributed.rank_slice(batch, dist)
-                with distributed.no_sync(model, dist, micro_step == t.grad_accum - 1):
-                    with _autocast(recipe, device):
-                        loss = causal_lm_loss(model, batch, t.chunked_loss)  # chunked: never the full logits
-                    (loss * weight / t.grad_accum).backward()
-                loss_sum += distributed.mean(float(loss.detach()), dist)
-            if t.max_grad_norm > 0:
-                distributed.clip_grad_norm(model, params, t.max_grad_norm, dist)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            history.append(loss_sum / t.grad_accum)
-            metrics = _metrics(
-                step, total, history[-1], scheduler.get_last_lr()[0], tokens_seen, started, stream, device
-            )
-            if tokenized.eval and t.eval_steps and step % t.eval_steps == 0:
-                metrics["eval_loss"] = eval_loss()
-                metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
-            if dist.main and (step % t.logging_steps == 0 or step == total or "eval_loss" in metrics):
-                _append_jsonl(output_dir / METRICS_FILE, metrics)
-            reporter.step(metrics)
-            if t.save_steps and step % t.save_steps == 0 and step < total:
-                save_checkpoint(step, stream.state_dict(), checkpoint.rng_state())
-    except KeyboardInterrupt:
-        # the step in flight is discarded: the checkpoint holds the last finished one
-        path = save_checkpoint(step, data_state, rng) if step else None
-        raise Interrupted(
-            f"interrupted at step {step}" + (f"; checkpoint saved to {path}" if path else ""),
-            f"continue with: qlora-kit train RECIPE --resume (output dir {output_dir})",
+        run.stream.load_state_dict(state["data"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(
+            f"checkpoint {path}: its data position does not fit this data ({exc})",
+            f"resume with the data it was trained on, or delete {path}",
         ) from None
+    if run.dist.main:  # one writer: another rank reading while rank 0 rewrites would see an empty file
+        _truncate_metrics(run.output_dir / METRICS_FILE, state["step"])
+    run.reporter.message(f"resumed from {path} at step {state['step']}")
+    return state["step"], list(state["history"])
 
+
+def _eval_loss(run: Run) -> float | None:
+    """Mean token loss over one pass of the eval split, always the same batches."""
+    from qlora_kit.data.batches import BatchStream
+
+    if not run.tokenized.eval:
+        return None
+    r, t = run.recipe, run.recipe.train
+    fresh = BatchStream(
+        run.tokenized.eval, t.micro_batch, r.data.max_seq_len, r.data.packing, run.tokenizer.pad_token_id, t.seed
+    )
+    return evaluate(run.model, fresh, fresh.epoch_batches, run.device.kind, t.chunked_loss)
+
+
+def _save(run: Run, at_step: int, history: list[float]) -> Path:
+    """A checkpoint of the state between optimizer steps ``at_step`` and ``at_step + 1``."""
+    state = {"data": run.stream.state_dict(), "history": history[:at_step], "recipe": run.recipe.to_dict()}
+    rng = checkpoint.rng_state()
+    full = (
+        distributed.adapter_state(run.model, run.dist),
+        distributed.optimizer_state(run.model, run.optimizer, run.dist),
+    )
+    if not run.dist.main:
+        return checkpoint.checkpoint_dir(run.output_dir) / f"{checkpoint.PREFIX}{at_step:06d}"
+    return checkpoint.save(
+        run.output_dir,
+        at_step,
+        run.peft_model,
+        run.optimizer,
+        run.scheduler,
+        rng,
+        state,
+        run.recipe.train.save_total_limit,
+        *full,
+    )
+
+
+def _step(run: Run) -> tuple[float, int]:
+    """One optimizer step over ``grad_accum`` micro-batches: its mean loss and the tokens it read."""
+    from qlora_kit.model.savers import causal_lm_loss
+
+    t, dist, loss_sum, tokens = run.recipe.train, run.dist, 0.0, 0
+    for micro_step in range(t.grad_accum):
+        batch = _to(next(run.stream), run.device.kind)
+        tokens += int(batch["input_ids"].numel())
+        batch, weight = distributed.rank_slice(batch, dist)
+        with distributed.no_sync(run.model, dist, micro_step == t.grad_accum - 1):
+            with _autocast(run.recipe, run.device):
+                loss = causal_lm_loss(run.model, batch, t.chunked_loss)  # chunked: never the full logits
+            (loss * weight / t.grad_accum).backward()
+        loss_sum += distributed.mean(float(loss.detach()), dist)
+    if t.max_grad_norm > 0:
+        distributed.clip_grad_norm(run.model, run.params or [], t.max_grad_norm, dist)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum / t.grad_accum, tokens
+
+
+def _loop(run: Run, step: int, history: list[float], aside: PreviousRun | None) -> TrainResult:
+    t, dist, output_dir = run.recipe.train, run.dist, run.output_dir
+    run.model.train()
+    run.reporter.start(run.total, step)
+    started, tokens_seen = time.perf_counter(), 0
+    with StepBoundaryInterrupt() as interrupt:
+        try:
+            while step < run.total:
+                loss, tokens = _step(run)
+                step, tokens_seen = step + 1, tokens_seen + tokens
+                history.append(loss)
+                lr = run.scheduler.get_last_lr()[0]
+                metrics = _metrics(step, run.total, loss, lr, tokens_seen, started, run.stream, run.device)
+                if run.tokenized.eval and t.eval_steps and step % t.eval_steps == 0:
+                    metrics["eval_loss"] = _eval_loss(run)
+                    metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
+                if dist.main and (step % t.logging_steps == 0 or step == run.total or "eval_loss" in metrics):
+                    _append_jsonl(output_dir / METRICS_FILE, metrics)
+                run.reporter.step(metrics)
+                stop = distributed.mean(float(interrupt.requested), dist) > 0  # every rank stops together
+                if stop or (t.save_steps and step % t.save_steps == 0 and step < run.total):
+                    path = _save(run, step, history)
+                    if aside is not None:
+                        aside.drop()  # the new run has a checkpoint of its own now
+                    if stop:
+                        raise Interrupted(
+                            f"interrupted after step {step}; checkpoint saved to {path}",
+                            f"continue with: qlora-kit train RECIPE --resume (output dir {output_dir})",
+                        )
+        except KeyboardInterrupt:  # a second Ctrl-C, or no signal handler: stop now, save nothing
+            last = checkpoint.latest(output_dir)
+            raise Interrupted(
+                f"interrupted during step {step + 1}; nothing saved"
+                + (f" (the latest checkpoint is {last})" if last else ""),
+                "continue with: qlora-kit train RECIPE --resume" if last else "run the command again",
+            ) from None
+    return _finish(run, step, history)
+
+
+def _finish(run: Run, step: int, history: list[float]) -> TrainResult:
     summary: dict[str, Any] = {
         "steps": step,
         "final_loss": history[-1] if history else None,
-        "output_dir": str(output_dir),
+        "output_dir": str(run.output_dir),
     }
-    if tokenized.eval:
-        summary["eval_loss"] = eval_loss()
+    if run.tokenized.eval:
+        summary["eval_loss"] = _eval_loss(run)
         summary["eval_ppl"] = math.exp(min(summary["eval_loss"], 50))
-    adapter = distributed.adapter_state(model, dist)  # FSDP: gathered on every rank, written by rank 0
-    if dist.main:
-        _write_final(output_dir, peft_model, tokenizer, recipe, model_spec.name, summary, adapter)
-    distributed.barrier(dist)
-    summary["loss_curve"] = _plot(output_dir) if dist.main else None
-    reporter.finish(summary)
-    return TrainResult(summary, peft_model)
+    adapter = distributed.adapter_state(run.model, run.dist)  # FSDP: gathered on every rank, written by rank 0
+    if run.dist.main:
+        _write_final(run.output_dir, run.peft_model, run.tokenizer, run.recipe, run.model_name, summary, adapter)
+    distributed.barrier(run.dist)
+    summary["loss_curve"] = _plot(run.output_dir) if run.dist.main else None
+    run.reporter.finish(summary)
+    return TrainResult(summary, run.peft_model)
 
 
 def _metrics(
@@ -352,10 +547,29 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint a run resumes from (they will be logged again)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    """Drop metrics logged after the checkpoint a run resumes from (they will be logged again).
+
+    A torn last line (the process died mid-write) is dropped; any other unreadable line is refused."""
+    if not path.exists():
+        return
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is unreadable ({exc})", f"delete {path} (it is only the log) and resume") from None
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            row_step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                break
+            raise UsageError(
+                f"{path}: line {number} is not a metrics record", f"delete that line (or {path}) and resume"
+            ) from None
+        if row_step <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _write_final(
