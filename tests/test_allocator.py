@@ -1,0 +1,95 @@
+"""The caching-allocator model against sequences whose reserved bytes can be worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_kit.plan.allocator import MIB, Allocator, OutOfMemory, replay, round_size, segment_size
+
+
+def test_rounding_and_segment_sizes() -> None:
+    assert round_size(1) == 512
+    assert round_size(513) == 1024
+    assert segment_size(512) == 2 * MIB  # small pool
+    assert segment_size(1 * MIB + 512) == 20 * MIB  # 1-10 MiB share a 20 MiB segment
+    assert segment_size(10 * MIB) == 10 * MIB
+    assert segment_size(11 * MIB + 1) == 12 * MIB  # rounded up to 2 MiB
+
+
+def test_small_requests_pack_into_2mib_segments() -> None:
+    # 5 x 512 KiB: four fill the first 2 MiB segment, the fifth opens a second
+    r = replay([("+", 512 << 10)] * 5)
+    assert r.peak_reserved == 4 * MIB
+    assert r.peak_allocated == 5 * (512 << 10)
+
+
+def test_medium_requests_share_a_20mib_segment() -> None:
+    # three 6 MiB tensors: two share one 20 MiB segment (8 MiB left, > 1 MiB, so it splits), the third fits
+    # the 8 MiB rest; a fourth needs a new segment
+    assert replay([("+", 6 * MIB)] * 3).peak_reserved == 20 * MIB
+    assert replay([("+", 6 * MIB)] * 4).peak_reserved == 40 * MIB
+
+
+def test_freed_blocks_are_reused_best_fit() -> None:
+    # 64 MiB and 32 MiB segments; free both; a 30 MiB request takes the 32 MiB block (best fit), so a
+    # following 60 MiB fits the 64 MiB one: nothing new is reserved
+    ev = [("+", 64 * MIB), ("+", 32 * MIB), ("-", 0), ("-", 1), ("+", 30 * MIB), ("+", 60 * MIB)]
+    assert replay(ev).peak_reserved == 96 * MIB
+
+
+def test_large_tensor_after_many_small_frees() -> None:
+    # 100 tensors of 4 MiB fill 20 MiB segments five at a time (20 segments, 400 MiB); all freed, the cache
+    # holds 400 MiB in 20 MiB pieces that never coalesce across segments, so a 40 MiB tensor needs a new segment
+    ev: list[tuple[str, int]] = [("+", 4 * MIB)] * 100 + [("-", i) for i in range(100)] + [("+", 40 * MIB)]
+    r = replay(ev)
+    assert r.peak_reserved == 440 * MIB
+    # expandable segments: the 4 MiB tensors sit in one mapped range that merges when freed: no new pages
+    assert replay(ev, expandable=True).peak_reserved == 400 * MIB
+
+
+def test_oom_releases_the_cache_and_retries() -> None:
+    ev: list[tuple[str, int]] = [("+", 4 * MIB)] * 100 + [("-", i) for i in range(100)] + [("+", 40 * MIB)]
+    # with a 420 MiB limit the allocator frees its 20 whole cached segments and then holds the 40 MiB
+    assert replay(ev, limit=420 * MIB).peak_reserved == 400 * MIB
+    a = Allocator(limit=30 * MIB)
+    a.malloc(20 * MIB)
+    with pytest.raises(OutOfMemory):
+        a.malloc(20 * MIB)
+
+
+def test_split_blocks_keep_their_segment() -> None:
+    # a 20 MiB segment holding a live 6 MiB and a freed 6 MiB: the cache cannot return it
+    a = Allocator()
+    h = a.malloc(6 * MIB)
+    a.malloc(6 * MIB)
+    a.free(h)
+    a.release_cache()
+    assert a.reserved == 20 * MIB
+
+
+def test_expandable_against_caching_on_a_growing_batch() -> None:
+    # step n allocates 30 tensors of (10 + n) MiB and frees them: caching keeps the earlier, smaller
+    # segments and adds new ones; an expandable segment reuses the freed range and maps only the difference
+    ev: list[tuple[str, int]] = []
+    for n in range(3):
+        start = len(ev)
+        ev += [("+", (10 + n) * MIB)] * 30
+        ev += [("-", start + i) for i in range(30)]
+    caching, expandable = replay(ev), replay(ev, expandable=True)
+    # 10 MiB segments, then 12 MiB ones (11 MiB rounds up to 2 MiB), which the 12 MiB step reuses
+    assert caching.peak_reserved == 30 * (10 + 12) * MIB
+    assert expandable.peak_reserved == 360 * MIB  # 30 x 12 MiB in 20 MiB pages
+    assert caching.peak_allocated == expandable.peak_allocated == 30 * 12 * MIB
+
+
+def test_expandable_release_unmaps_the_free_tail() -> None:
+    a = Allocator(expandable=True)
+    keep = a.malloc(30 * MIB)
+    h = a.malloc(30 * MIB)
+    assert a.reserved == 60 * MIB
+    a.free(h)
+    a.release_cache()
+    assert a.reserved == 40 * MIB  # the page the live 30 MiB reaches into stays mapped
+    a.free(keep)
+    a.release_cache()
+    assert a.reserved == 0
