@@ -93,3 +93,21 @@ def test_expandable_release_unmaps_the_free_tail() -> None:
     a.free(keep)
     a.release_cache()
     assert a.reserved == 0
+
+
+def test_step_trace_matches_the_memory_model_and_fragments_more_when_caching() -> None:
+    from qlora_kit.catalog.models import lookup
+    from qlora_kit.knobs import TrainSetup
+    from qlora_kit.plan.memory import estimate
+    from qlora_kit.plan.steptrace import allocator_slack, step_events
+
+    arch = lookup("llama-3.1-8b")
+    slack = {}
+    for b in (1, 4):
+        setup = TrainSetup(quant="nf4", batch_size=b, seq_len=2048, targets=arch.linear_names(), grad_ckpt=True)
+        r = replay(step_events(arch, setup, small=True))
+        model = estimate(arch, setup).peak_allocated_bytes
+        assert abs(r.peak_allocated - model) < 0.02 * model  # the same tensors, replayed in the step's order
+        slack[b] = allocator_slack(arch, setup, "caching"), allocator_slack(arch, setup, "expandable")
+    assert slack[4][0] > slack[1][0] > 10 * slack[1][1]  # caching fragments, more as the micro-batch grows
+    assert slack[4][1] < 64 * MIB  # expandable segments map pages as needed

@@ -70,6 +70,9 @@ class _Block:
         self.next: _Block | None = None
 
 
+_KEY = _Block(-1, 0, False)
+
+
 class Allocator:
     """The allocator's state: segments, cached free blocks per pool, and the reserved/allocated counters.
 
@@ -97,11 +100,11 @@ class Allocator:
 
     def _remove(self, b: _Block) -> None:
         pool = self._free[b.small]
-        del pool[bisect.bisect_left(pool, (b.size, b.addr), key=lambda t: (t[0], t[1]))]
+        del pool[bisect.bisect_left(pool, (b.size, b.addr, b))]  # free addresses are unique: blocks never compared
 
     def _best_fit(self, size: int, small: bool) -> _Block | None:
         pool = self._free[small]
-        i = bisect.bisect_left(pool, size, key=lambda t: t[0])
+        i = bisect.bisect_left(pool, (size, -1, _KEY))  # before every block of that size
         return pool[i][2] if i < len(pool) else None
 
     # -- segments --------------------------------------------------------------------------------------
