@@ -111,3 +111,19 @@ def test_step_trace_matches_the_memory_model_and_fragments_more_when_caching() -
         slack[b] = allocator_slack(arch, setup, "caching"), allocator_slack(arch, setup, "expandable")
     assert slack[4][0] > slack[1][0] > 10 * slack[1][1]  # caching fragments, more as the micro-batch grows
     assert slack[4][1] < 64 * MIB  # expandable segments map pages as needed
+
+
+@pytest.mark.parametrize("preset", [None, "expandable_segments:False"])
+def test_train_chooses_expandable_segments_unless_the_user_set_it(tmp_path, monkeypatch, preset) -> None:
+    import os
+
+    from qlora_kit.train.loop import train
+    from tests.test_train import Quiet, demo_recipe
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    if preset is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", preset)
+    train(demo_recipe(tmp_path / "run", max_steps=1), Quiet())
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (preset or "expandable_segments:True")

@@ -321,6 +321,8 @@ def _prepare_inputs(recipe: Recipe, reporter: Reporter, output_dir: Path, force:
     from qlora_kit.model.load import load_tokenizer, materialize_random_init, resolve_model_spec
 
     t = recipe.train
+    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):  # before CUDA starts
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # what the planner plans for
     device = detect_device()
     dist = distributed.setup(t.strategy, device.kind)  # one process: Dist(world=1), nothing changes
     if dist.active and t.chunked_loss:
