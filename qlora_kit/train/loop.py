@@ -2,86 +2,46 @@
 
 Order of work: plan the recipe on the detected device (refuse when it will not fit), read and
 tokenize the data, load the base quantized, prepare it and add LoRA, then train with gradient
-accumulation, logging, evaluation and atomic checkpoints. Ctrl-C saves a checkpoint at the last
-finished step. The final adapter is written in peft's format with ``qlora_kit.json`` (what
-``export`` needs), which is written last: its presence means the run completed.
+accumulation, logging, evaluation and atomic checkpoints. Ctrl-C takes effect at the next
+optimizer-step boundary and saves a checkpoint of exactly that state. Checks before loading live in
+:mod:`qlora_kit.train.preflight`; the metrics log, the final adapter and ``qlora_kit.json`` in
+:mod:`qlora_kit.train.outputs`.
 
 This module reports through a :class:`Reporter` and never prints.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from qlora_kit.adapter import METADATA_FILE, config_fingerprint
 from qlora_kit.errors import QloraKitError, UsageError
 from qlora_kit.recipe import Recipe
 from qlora_kit.train import checkpoint, distributed
-
-METRICS_FILE = "metrics.jsonl"
-
-
-class Reporter(Protocol):
-    def message(self, text: str) -> None: ...
-    def start(self, total_steps: int, start_step: int) -> None: ...
-    def step(self, metrics: dict[str, Any]) -> None: ...
-    def finish(self, summary: dict[str, Any]) -> None: ...
+from qlora_kit.train.outputs import (
+    METRICS_FILE,
+    PreviousRun,
+    Reporter,
+    SilentReporter,
+    append_jsonl,
+    plot_losses,
+    prepare_output,
+    truncate_metrics,
+    write_final,
+)
+from qlora_kit.train.preflight import Device, check_fits, check_resumable, detect_device
 
 
 class Interrupted(QloraKitError):
     """Ctrl-C: a checkpoint was saved; ``--resume`` continues."""
 
     exit_code = 130
-
-
-@dataclass
-class Device:
-    kind: str  # "cuda" or "cpu"
-    name: str
-    memory_bytes: int
-
-
-def detect_device() -> Device:
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return Device("cuda", props.name, props.total_memory)
-    return Device("cpu", "CPU", 0)
-
-
-def check_fits(recipe: Recipe, model_dir: str, device: Device, reporter: Reporter, force: bool) -> None:
-    """Plan the recipe on the detected GPU before any weights load; refuse when it will not fit."""
-    from qlora_kit.catalog.gpus import DeviceSpec
-    from qlora_kit.catalog.models import resolve_model
-    from qlora_kit.plan.recipes import to_constraints
-    from qlora_kit.plan.search import plan
-
-    if device.kind != "cuda":
-        reporter.message("no CUDA GPU found: training on the CPU (fine for the tiny demo, slow for real models)")
-        return
-    arch = resolve_model(model_dir)
-    spec = DeviceSpec(device.name, device.memory_bytes, torch.cuda.is_bf16_supported())
-    result = plan(arch, spec, to_constraints(recipe))
-    est = result.best.estimate
-    reporter.message(
-        f"plan: {est.device_bytes / 2**30:.2f} GiB of {device.memory_bytes / 2**30:.2f} GiB on "
-        f"{device.name} (peak allocated {est.peak_allocated_bytes / 2**30:.2f} GiB)"
-    )
-    if not result.fits and not force:
-        raise UsageError(
-            f"the recipe needs about {est.device_bytes / 2**30:.1f} GiB on {device.name}, which has "
-            f"{device.memory_bytes / 2**30:.1f} GiB",
-            "run `qlora-kit plan --recipe` for settings that fit, or pass --force to try anyway",
-        )
 
 
 def _optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> Any:
@@ -137,94 +97,6 @@ def _total_steps(recipe: Recipe, epoch_batches: int) -> int:
     return max(1, math.ceil(t.epochs * epoch_batches / t.grad_accum))
 
 
-# what a resumed run must share with the checkpoint it continues: the model, its quantization, the
-# adapter's shape, the data and its order, and how a step is made of micro-batches
-RESUME_KEYS = (
-    "model.",
-    "quant.",
-    "lora.",
-    "data.",
-    "train.micro_batch",
-    "train.grad_accum",
-    "train.optimizer",
-    "train.seed",
-    "train.gpus",
-    "train.strategy",
-)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def check_resumable(recipe: Recipe, path: Path) -> None:
-    """Refuse to resume ``path`` with a recipe that changed what the checkpoint was trained with."""
-    saved = checkpoint.read_state(path).get("recipe")
-    if not isinstance(saved, dict):
-        return  # written before checkpoints kept their recipe
-    now, then = _flat(recipe.to_dict()), _flat(saved)
-    for key in sorted(now):
-        if key.startswith(RESUME_KEYS) and key in then and now[key] != then[key]:
-            raise UsageError(
-                f"--resume: {key} is {now[key]!r} in the recipe but the checkpoint {path.name} was trained with "
-                f"{then[key]!r}",
-                f"resume with --set {key}={then[key]}, or start a new run (--force, or another train.output_dir)",
-            )
-
-
-def _prepare_output(output_dir: Path, resume: bool, force: bool) -> tuple[Path | None, bool]:
-    """The checkpoint to resume from, and whether a previous run is there (refused unless ``force``).
-
-    Nothing is deleted here: a previous run is moved aside only once the new one is ready to write."""
-    if resume:
-        found = checkpoint.latest(output_dir)
-        if found is None:
-            raise UsageError(
-                f"--resume: no complete checkpoint in {output_dir / 'checkpoints'}", "start without --resume"
-            )
-        return found, False
-    previous = bool(checkpoint.latest(output_dir)) or (output_dir / METADATA_FILE).exists()
-    if previous and not force:
-        raise UsageError(
-            f"{output_dir} holds a previous run",
-            "pass --resume to continue it, --force to start over, or --set train.output_dir=NEW",
-        )
-    return None, previous
-
-
-class PreviousRun:
-    """A previous run's checkpoints, metrics and metadata, moved aside while ``--force`` starts over.
-
-    They come back if the new run fails before it has a checkpoint of its own, and are deleted once
-    it has one (or completes): a failed command never destroys earlier work."""
-
-    NAMES = ("checkpoints", METADATA_FILE, METRICS_FILE)
-
-    def __init__(self, output_dir: Path) -> None:
-        self.output_dir, self.aside = output_dir, output_dir / ".previous-run"
-        shutil.rmtree(self.aside, ignore_errors=True)
-        self.aside.mkdir()
-        for name in self.NAMES:
-            if (output_dir / name).exists():
-                os.replace(output_dir / name, self.aside / name)
-
-    def restore(self) -> None:
-        if not self.aside.exists():
-            return
-        for name in self.NAMES:
-            if (self.aside / name).exists():
-                target = self.output_dir / name
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-                os.replace(self.aside / name, target)
-        shutil.rmtree(self.aside, ignore_errors=True)
-
-    def drop(self) -> None:
-        shutil.rmtree(self.aside, ignore_errors=True)
-
-
 class StepBoundaryInterrupt:
     """Ctrl-C takes effect between two optimizer steps, never inside one.
 
@@ -257,15 +129,6 @@ class StepBoundaryInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-class SilentReporter:
-    """Reports nothing: ranks other than 0, and callers that want only the result."""
-
-    def message(self, text: str) -> None: ...
-    def start(self, total_steps: int, start_step: int) -> None: ...
-    def step(self, metrics: dict[str, Any]) -> None: ...
-    def finish(self, summary: dict[str, Any]) -> None: ...
-
-
 @dataclass
 class TrainResult:
     summary: dict[str, Any]  # steps, final and eval loss, output directory, loss curve
@@ -296,7 +159,7 @@ class Run:
 def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bool = False) -> TrainResult:
     """Run a recipe to the end (or to Ctrl-C, raising :class:`Interrupted`)."""
     output_dir = Path(recipe.train.output_dir)
-    resume_from, previous = _prepare_output(output_dir, resume, force)
+    resume_from, previous = prepare_output(output_dir, resume, force)
     if resume_from is not None:
         check_resumable(recipe, resume_from)
     run = _prepare_inputs(recipe, reporter, output_dir, force)
@@ -401,7 +264,7 @@ def _resume(run: Run, path: Path) -> tuple[int, list[float]]:
             f"resume with the data it was trained on, or delete {path}",
         ) from None
     if run.dist.main:  # one writer: another rank reading while rank 0 rewrites would see an empty file
-        _truncate_metrics(run.output_dir / METRICS_FILE, state["step"])
+        truncate_metrics(run.output_dir / METRICS_FILE, state["step"])
     run.reporter.message(f"resumed from {path} at step {state['step']}")
     return state["step"], list(state["history"])
 
@@ -481,7 +344,7 @@ def _loop(run: Run, step: int, history: list[float], aside: PreviousRun | None) 
                     metrics["eval_loss"] = _eval_loss(run)
                     metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
                 if dist.main and (step % t.logging_steps == 0 or step == run.total or "eval_loss" in metrics):
-                    _append_jsonl(output_dir / METRICS_FILE, metrics)
+                    append_jsonl(output_dir / METRICS_FILE, metrics)
                 run.reporter.step(metrics)
                 stop = distributed.mean(float(interrupt.requested), dist) > 0  # every rank stops together
                 if stop or (t.save_steps and step % t.save_steps == 0 and step < run.total):
@@ -514,9 +377,9 @@ def _finish(run: Run, step: int, history: list[float]) -> TrainResult:
         summary["eval_ppl"] = math.exp(min(summary["eval_loss"], 50))
     adapter = distributed.adapter_state(run.model, run.dist)  # FSDP: gathered on every rank, written by rank 0
     if run.dist.main:
-        _write_final(run.output_dir, run.peft_model, run.tokenizer, run.recipe, run.model_name, summary, adapter)
+        write_final(run.output_dir, run.peft_model, run.tokenizer, run.recipe, run.model_name, summary, adapter)
     distributed.barrier(run.dist)
-    summary["loss_curve"] = _plot(run.output_dir) if run.dist.main else None
+    summary["loss_curve"] = plot_losses(run.output_dir) if run.dist.main else None
     run.reporter.finish(summary)
     return TrainResult(summary, run.peft_model)
 
@@ -541,96 +404,3 @@ def _rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint a run resumes from (they will be logged again).
-
-    A torn last line (the process died mid-write) is dropped; any other unreadable line is refused."""
-    if not path.exists():
-        return
-    try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is unreadable ({exc})", f"delete {path} (it is only the log) and resume") from None
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-            row_step = int(row["step"])
-        except (ValueError, KeyError, TypeError):
-            if number == len(lines):
-                break
-            raise UsageError(
-                f"{path}: line {number} is not a metrics record", f"delete that line (or {path}) and resume"
-            ) from None
-        if row_step <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _write_final(
-    output_dir: Path,
-    model: Any,
-    tokenizer: Any,
-    recipe: Recipe,
-    base: str,
-    summary: dict[str, Any],
-    adapter: dict[str, Any] | None = None,
-) -> None:
-    """Adapter and tokenizer into place, then ``qlora_kit.json`` last: it marks the run complete."""
-    import peft
-    import transformers
-
-    tmp = output_dir / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=adapter)  # adapter: the full LoRA weights of an FSDP run
-    tokenizer.save_pretrained(tmp)
-    for item in tmp.iterdir():
-        os.replace(item, output_dir / item.name)
-    tmp.rmdir()
-    metadata = {
-        "base_model": base,
-        "base_config_sha256": config_fingerprint(base),
-        "quant": {
-            "mode": recipe.quant.mode,
-            "double_quant": recipe.quant.double_quant,
-            "compute_dtype": recipe.quant.compute_dtype,
-        },
-        "recipe": recipe.to_dict(),
-        "summary": summary,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-    }
-    from qlora_kit.recipe import write_atomic
-
-    write_atomic(output_dir / METADATA_FILE, json.dumps(metadata, indent=2))
-
-
-def _plot(output_dir: Path) -> str | None:
-    """loss_curve.png from metrics.jsonl, when matplotlib is installed (the ``plot`` extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [json.loads(line) for line in (output_dir / METRICS_FILE).read_text().splitlines() if line]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
-    evals = [r for r in rows if "eval_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    path = output_dir / "loss_curve.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)

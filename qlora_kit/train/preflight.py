@@ -1,0 +1,93 @@
+"""What ``train`` checks before it loads a weight: the device and the fit, and that a resumed run
+continues the run its checkpoint came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_kit.errors import UsageError
+from qlora_kit.recipe import Recipe
+from qlora_kit.train import checkpoint
+from qlora_kit.train.outputs import Reporter
+
+
+@dataclass
+class Device:
+    kind: str  # "cuda" or "cpu"
+    name: str
+    memory_bytes: int
+
+
+def detect_device() -> Device:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Device("cuda", props.name, props.total_memory)
+    return Device("cpu", "CPU", 0)
+
+
+def check_fits(recipe: Recipe, model_dir: str, device: Device, reporter: Reporter, force: bool) -> None:
+    """Plan the recipe on the detected GPU before any weights load; refuse when it will not fit."""
+    from qlora_kit.catalog.gpus import DeviceSpec
+    from qlora_kit.catalog.models import resolve_model
+    from qlora_kit.plan.recipes import to_constraints
+    from qlora_kit.plan.search import plan
+
+    if device.kind != "cuda":
+        reporter.message("no CUDA GPU found: training on the CPU (fine for the tiny demo, slow for real models)")
+        return
+    arch = resolve_model(model_dir)
+    spec = DeviceSpec(device.name, device.memory_bytes, torch.cuda.is_bf16_supported())
+    result = plan(arch, spec, to_constraints(recipe))
+    est = result.best.estimate
+    reporter.message(
+        f"plan: {est.device_bytes / 2**30:.2f} GiB of {device.memory_bytes / 2**30:.2f} GiB on "
+        f"{device.name} (peak allocated {est.peak_allocated_bytes / 2**30:.2f} GiB)"
+    )
+    if not result.fits and not force:
+        raise UsageError(
+            f"the recipe needs about {est.device_bytes / 2**30:.1f} GiB on {device.name}, which has "
+            f"{device.memory_bytes / 2**30:.1f} GiB",
+            "run `qlora-kit plan --recipe` for settings that fit, or pass --force to try anyway",
+        )
+
+
+# what a resumed run must share with the checkpoint it continues: the model, its quantization, the
+# adapter's shape, the data and its order, and how a step is made of micro-batches
+RESUME_KEYS = (
+    "model.",
+    "quant.",
+    "lora.",
+    "data.",
+    "train.micro_batch",
+    "train.grad_accum",
+    "train.optimizer",
+    "train.seed",
+    "train.gpus",
+    "train.strategy",
+)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resumable(recipe: Recipe, path: Path) -> None:
+    """Refuse to resume ``path`` with a recipe that changed what the checkpoint was trained with."""
+    saved = checkpoint.read_state(path).get("recipe")
+    if not isinstance(saved, dict):
+        return  # written before checkpoints kept their recipe
+    now, then = _flat(recipe.to_dict()), _flat(saved)
+    for key in sorted(now):
+        if key.startswith(RESUME_KEYS) and key in then and now[key] != then[key]:
+            raise UsageError(
+                f"--resume: {key} is {now[key]!r} in the recipe but the checkpoint {path.name} was trained with "
+                f"{then[key]!r}",
+                f"resume with --set {key}={then[key]}, or start a new run (--force, or another train.output_dir)",
+            )
