@@ -13,6 +13,7 @@ This module reports through a :class:`Reporter` and never prints.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
