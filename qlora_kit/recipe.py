@@ -189,6 +189,28 @@ def _yaml11_float(value: Any) -> Any:
     return value
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a bigger file is refused before parsing
+MAX_QUOTED = 80  # characters of a bad value quoted back in a message
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length (a message must never quote a huge value whole)."""
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTED else text[: MAX_QUOTED - 3] + "..."
+
+
+def _no_aliases(text: str, source: str) -> None:
+    """Refuse YAML anchors and aliases: recipes never need them, and nested aliases expand
+    exponentially (a 1 KB "billion laughs" document is 10^9 values)."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            line = event.start_mark.line + 1 if event.start_mark else 0
+            raise UsageError(
+                f"{source} uses a YAML anchor or alias (&/*) at line {line}; recipes may not",
+                "write each value out in full",
+            )
+
+
 def _at(lines: Mapping[str, int], key: str) -> str:
     line = lines.get(key)
     return f" (line {line})" if line else ""
@@ -205,7 +227,7 @@ def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None
         if name not in SECTIONS:
             close = difflib.get_close_matches(str(name), list(SECTIONS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; sections are {', '.join(SECTIONS)}"
-            problems.append(f"unknown section {name!r}{_at(lines, str(name))}{hint}")
+            problems.append(f"unknown section {_short(name)}{_at(lines, str(name))}{hint}")
             continue
         if value is None:
             value = {}
@@ -221,19 +243,19 @@ def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None
             if key not in known:
                 close = difflib.get_close_matches(str(key), list(known), n=1)
                 hint = f"; did you mean {name}.{close[0]}?" if close else f"; valid keys: {', '.join(known)}"
-                problems.append(f"unknown key {dotted!r}{_at(lines, dotted)}{hint}")
+                problems.append(f"unknown key {_short(dotted)}{_at(lines, dotted)}{hint}")
                 continue
             v = _yaml11_float(v) if hints[key] is float else v
             if not _type_ok(v, hints[key]):
-                problems.append(f"{dotted}{_at(lines, dotted)} must be {_type_name(hints[key])}, got {v!r}")
+                problems.append(f"{dotted}{_at(lines, dotted)} must be {_type_name(hints[key])}, got {_short(v)}")
                 continue
             choices = known[key].metadata.get("choices")
             if choices and v not in choices:
-                problems.append(f"{dotted}{_at(lines, dotted)} must be one of {', '.join(choices)}, got {v!r}")
+                problems.append(f"{dotted}{_at(lines, dotted)} must be one of {', '.join(choices)}, got {_short(v)}")
                 continue
             if (dotted in _POSITIVE and v <= 0) or (dotted in _NON_NEGATIVE and v < 0):
                 kind = "positive" if dotted in _POSITIVE else "zero or more"
-                problems.append(f"{dotted}{_at(lines, dotted)} must be {kind}, got {v!r}")
+                problems.append(f"{dotted}{_at(lines, dotted)} must be {kind}, got {_short(v)}")
                 continue
             kwargs[key] = float(v) if hints[key] is float else v
         sections[name] = spec_type(**kwargs)
@@ -246,6 +268,8 @@ def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None
         problems.append(f"data.eval_fraction{_at(lines, 'data.eval_fraction')} must be in [0, 1)")
     if recipe.quant.double_quant and recipe.quant.mode in ("none", "int8") and "quant.double_quant" in lines:
         problems.append(f"quant.double_quant{_at(lines, 'quant.double_quant')} applies to nf4/fp4 only")
+    if recipe.train.max_steps == 0 and recipe.train.epochs == 0:
+        problems.append("train.max_steps and train.epochs are both 0: nothing to train (set one of them)")
     if recipe.train.offload_ckpt and not recipe.train.grad_ckpt:
         problems.append(f"train.offload_ckpt{_at(lines, 'train.offload_ckpt')} needs train.grad_ckpt: true")
     if problems:
@@ -263,10 +287,11 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            raise UsageError(f"--set {item!r} is not section.key=value", "e.g. --set train.max_steps=50")
+            raise UsageError(f"--set {_short(item)} is not section.key=value", "e.g. --set train.max_steps=50")
         section = data.setdefault(parts[0], {})
         if not isinstance(section, dict):
-            raise UsageError(f"--set {item!r}: {parts[0]} is not a mapping", "fix the recipe")
+            raise UsageError(f"--set {_short(item)}: {parts[0]} is not a mapping", "fix the recipe")
+        _no_aliases(raw, f"--set {key.strip()}")
         section[parts[1]] = yaml.safe_load(raw) if raw.strip() else ""
     return data
 
@@ -275,10 +300,15 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UsageError(f"recipe {path} is over {MAX_RECIPE_BYTES >> 20} MiB", "a recipe is a short YAML file")
         text = path.read_text()
     except OSError as exc:
         raise UsageError(f"cannot read recipe {path}: {exc.strerror or exc}", "check the path") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"recipe {path} is not UTF-8 text", "a recipe is a YAML text file") from None
     try:
+        _no_aliases(text, str(path))
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -182,7 +182,11 @@ def test_split_slices_and_unknown_splits(tmp_path):
         (lambda p: (p / "d.xlsx").write_text("x") and str(p / "d.xlsx"), {}, "unsupported extension '.xlsx'"),
         (lambda p: (p / "e.jsonl").write_text("\n \n") and str(p / "e.jsonl"), {}, "is empty"),
         (lambda p: (p / "h.csv").write_text("text,n\n") and str(p / "h.csv"), {}, "has no rows"),
-        (lambda p: (p / "bad.jsonl").write_text('{"text": "a"\n') and str(p / "bad.jsonl"), {}, "cannot load"),
+        (
+            lambda p: (p / "bad.jsonl").write_text('{"text": "a"\n') and str(p / "bad.jsonl"),
+            {},
+            "line 1 is not valid JSON",
+        ),
         (lambda p: write_jsonl(p / "a.jsonl", [{"body": "x", "id": 1}]), {}, r"column 'text'.*columns: body, id"),
         (
             lambda p: write_jsonl(p / "a.jsonl", [{"q": "x", "a": "y"}]),
@@ -218,14 +222,14 @@ def test_load_errors_name_the_problem(tmp_path, make, kw, pattern):
 
 
 def test_hub_ids_fail_fast_offline(monkeypatch):
-    import qlora_kit.data.load as data
+    from qlora_kit import hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UsageError, match=r"hub dataset 'someone/quotes': offline \(HF_HUB_OFFLINE is set\)"):
         load_raw(spec("someone/quotes"))
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(data, "_reachable", lambda host, *a, **k: False)
+    monkeypatch.setattr(hub, "reachable", lambda host, *a, **k: False)
     with pytest.raises(UsageError, match=r"huggingface\.co is not reachable") as err:
         load_raw(spec("someone/quotes"))
     assert "local .jsonl" in err.value.hint
@@ -234,10 +238,10 @@ def test_hub_ids_fail_fast_offline(monkeypatch):
 def test_reachability_probe_is_bounded():
     import time
 
-    from qlora_kit.data.load import _reachable
+    from qlora_kit.hub import reachable
 
     start = time.monotonic()
-    assert not _reachable("127.0.0.1", port=9, timeout_s=0.5)  # discard port: refused at once
+    assert not reachable("127.0.0.1", port=9, timeout_s=0.5)  # discard port: refused at once
     assert time.monotonic() - start < 2
 
 

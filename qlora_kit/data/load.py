@@ -15,16 +15,14 @@ is cheap.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import socket
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from qlora_kit.errors import UsageError
 from qlora_kit.recipe import DataSpec
@@ -37,7 +35,6 @@ IGNORE_INDEX = -100  # the label transformers' causal-LM loss skips
 # file suffix -> datasets builder
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_PROBE_TIMEOUT_S = 3.0
 
 Example = dict[str, list[int]]
 
@@ -108,37 +105,16 @@ def _blank(file: Path, chunk_bytes: int = 1 << 16) -> bool:
 
 
 def _load_hub(name: str, split: str) -> Dataset:
-    fix = "download it where there is network and point data.path at a local .jsonl or .parquet file"
-    flags = [
-        v
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-        if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-    ]
-    if flags:
-        raise UsageError(f"cannot load hub dataset {name!r}: offline ({flags[0]} is set)", fix)
-    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host = endpoint.hostname or "huggingface.co"
-    if not _reachable(host, endpoint.port or (80 if endpoint.scheme == "http" else 443)):
-        raise UsageError(f"cannot load hub dataset {name!r}: {host} is not reachable (offline?)", fix)
+    from qlora_kit.hub import offline_reason
+
+    reason = offline_reason(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if reason:
+        raise UsageError(
+            f"cannot load hub dataset {name!r}: {reason}",
+            "download it where there is network and point data.path at a local .jsonl or .parquet file",
+        )
     with _quiet_datasets():
         return _call_datasets(name, split=split)
-
-
-def _reachable(host: str, port: int = 443, timeout_s: float = _PROBE_TIMEOUT_S) -> bool:
-    """One TCP connection within ``timeout_s``; DNS is bounded too (it runs in a daemon thread)."""
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return bool(ok)
 
 
 def _call_datasets(source: str, *, split: str, builder: str | None = None, data_files: str | None = None) -> Dataset:
@@ -156,21 +132,49 @@ def _call_datasets(source: str, *, split: str, builder: str | None = None, data_
             raise UsageError(f"{source}: {exc}", "set data.split to one of those splits") from exc
         raise UsageError(f"cannot load {source}: {exc}", "check the file's format") from exc
     except Exception as exc:  # datasets, pyarrow and hub errors: one line the user can act on
+        if builder == "json" and data_files:
+            _first_bad_line(data_files)
         cause = exc.__cause__ or exc
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise UsageError(f"cannot load {source}: {first}", "check the file's format (or the dataset id)") from exc
 
 
+def _first_bad_line(path: str) -> None:
+    """Raise one line naming where a JSON or JSON Lines file stops being UTF-8 JSON.
+
+    Runs only after datasets failed to read the file, so the common case reads the file once."""
+    fix = "data.path must be UTF-8 JSON: one object per line for .jsonl"
+    with open(path, "rb") as fh:
+        lines = [(1, fh.read())] if not path.endswith(".jsonl") else list(enumerate(fh, 1))
+    for number, raw in lines:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            at = number if path.endswith(".jsonl") else raw[: exc.start].count(b"\n") + 1
+            raise UsageError(f"data file {path}: line {at} is not UTF-8 text (a binary file?)", fix) from None
+        if not text.strip():
+            continue
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            at = number if path.endswith(".jsonl") else getattr(exc, "lineno", 1)
+            msg = getattr(exc, "msg", str(exc))
+            raise UsageError(f"data file {path}: line {at} is not valid JSON ({msg})", f"fix it; {fix}") from None
+
+
 @contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """datasets' progress bars off (the CLI shows its own), restored afterwards."""
+    """datasets' progress bars and its log lines off (the CLI shows its own), restored afterwards."""
     import datasets
 
     bars = datasets.is_progress_bar_enabled()
+    level = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its JSON reader logs the error it raises
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(level)
         if bars:
             datasets.enable_progress_bars()
 

@@ -55,10 +55,49 @@ def bnb_config(quant: QuantSpec) -> BitsAndBytesConfig | None:
     )
 
 
-def _check_local(name: str) -> None:
-    """A name written as a path must be a directory (else transformers mistakes it for a hub id)."""
+def _check_local(name: str, revision: str | None = None, trust_remote_code: bool = False) -> None:
+    """What can be said about a model source before transformers reads it, each in one line.
+
+    A name written as a path must be a directory (else transformers mistakes it for a hub id); a
+    directory's config.json must be a JSON object, and custom code (``auto_map``) needs the user's
+    ``--trust-remote-code``; a hub id must be in the local cache when the hub is out of reach."""
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
         raise UsageError(f"model directory {name} does not exist", "check model.name")
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            return  # a tokenizer-only directory (an adapter's); loading the model says what is missing
+        config = read_config(local / "config.json")
+        if config.get("auto_map") and not trust_remote_code:
+            raise UsageError(
+                f"model {name} ships its own Python code (auto_map in config.json), which runs only if you allow it",
+                "pass --trust-remote-code if you trust that code, or use a model transformers supports natively",
+            )
+        return
+    from qlora_kit.hub import cached, offline_reason
+
+    if not cached(name, "config.json", revision):
+        reason = offline_reason()
+        if reason:
+            raise UsageError(
+                f"model {name!r} is not in the local hub cache and the hub cannot be reached: {reason}",
+                "download it where there is network, or point model.name at a local directory",
+            )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A model's config.json as a dict; one line if it is missing, unreadable or not a JSON object."""
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist", "a model directory needs its config.json") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(
+            f"{path} is not valid JSON ({str(exc).splitlines()[0][:120]})", "restore the model's config.json"
+        ) from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} is not a JSON object", "restore the model's config.json")
+    return config
 
 
 def load_base(
@@ -70,7 +109,7 @@ def load_base(
     (``qlora_kit.train.distributed``); the packed bytes are the same."""
     from transformers import AutoModelForCausalLM
 
-    _check_local(model.name)
+    _check_local(model.name, model.revision, model.trust_remote_code)
 
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(quant.compute_dtype),
@@ -91,6 +130,14 @@ def load_base(
         raise UsageError(
             f"cannot load model {model.name!r}: {str(exc).splitlines()[0]}",
             "check the name or path (no network: use a local directory)",
+        ) from None
+    except Exception as exc:  # safetensors' SafetensorError on a truncated file, a bad config value
+        if type(exc).__name__ != "SafetensorError" and not isinstance(exc, (ValueError, KeyError)):
+            raise
+        raise UsageError(
+            f"cannot load model {model.name!r}: its weights or config are damaged "
+            f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})",
+            "restore the model files (a truncated download? fetch it again)",
         ) from None
     base.config.use_cache = False
     keep_4bit_weights_as_trained(base)
@@ -124,7 +171,7 @@ def materialize_random_init(model: ModelSpec, target: Path, seed: int) -> ModelS
             f"model.random_init needs a directory with config.json, got {model.name!r}",
             "point model.name at a config directory",
         )
-    stamp = json.dumps({"config": json.loads((source / "config.json").read_text()), "seed": seed}, sort_keys=True)
+    stamp = json.dumps({"config": read_config(source / "config.json"), "seed": seed}, sort_keys=True)
     if not (
         target.is_dir()
         and (target / ".random-init.json").is_file()
@@ -132,22 +179,27 @@ def materialize_random_init(model: ModelSpec, target: Path, seed: int) -> ModelS
     ):
         tmp = target.with_name(f".tmp-{target.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        torch.manual_seed(seed)
-        config = AutoConfig.from_pretrained(source)
-        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-        for item in source.iterdir():
-            if item.is_file() and item.name != "config.json":
-                shutil.copy(item, tmp / item.name)
-        (tmp / ".random-init.json").write_text(stamp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        try:
+            with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+                torch.manual_seed(seed)
+                config = AutoConfig.from_pretrained(source)
+                AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+            for item in source.iterdir():
+                if item.is_file() and item.name != "config.json":
+                    shutil.copy(item, tmp / item.name)
+            (tmp / ".random-init.json").write_text(stamp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        except BaseException:  # a full disk, Ctrl-C: no half-written base stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return dataclasses.replace(model, name=str(target), random_init=False)
 
 
 def load_tokenizer(model: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
-    _check_local(model.name)
+    _check_local(model.name, model.revision, model.trust_remote_code)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(

@@ -36,7 +36,14 @@ from qlora_kit.train.outputs import (
     truncate_metrics,
     write_final,
 )
-from qlora_kit.train.preflight import Device, check_fits, check_resumable, detect_device
+from qlora_kit.train.preflight import (
+    Device,
+    check_context,
+    check_eval_split,
+    check_fits,
+    check_resumable,
+    detect_device,
+)
 
 
 class Interrupted(QloraKitError):
@@ -199,6 +206,7 @@ def _prepare_inputs(recipe: Recipe, reporter: Reporter, output_dir: Path, force:
 
     # data problems surface before anything heavy happens
     model_spec = resolve_model_spec(recipe.model)
+    check_context(recipe, model_spec.name)
     raw = datalib.load_raw(recipe.data)
     tokenizer = load_tokenizer(model_spec)
     tokenized = datalib.tokenize(recipe.data, raw, tokenizer, seed=t.seed)
@@ -212,6 +220,8 @@ def _prepare_inputs(recipe: Recipe, reporter: Reporter, output_dir: Path, force:
     stream = BatchStream(
         tokenized.train, micro, recipe.data.max_seq_len, recipe.data.packing, tokenizer.pad_token_id, t.seed
     )
+    if tokenized.eval:
+        check_eval_split(recipe, tokenized.eval, tokenizer.pad_token_id)
     if recipe.model.random_init:
         if not dist.main:
             distributed.barrier(dist)  # rank 0 writes the random-init base, the others then reuse it

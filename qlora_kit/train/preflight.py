@@ -91,3 +91,40 @@ def check_resumable(recipe: Recipe, path: Path) -> None:
                 f"{then[key]!r}",
                 f"resume with --set {key}={then[key]}, or start a new run (--force, or another train.output_dir)",
             )
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def check_context(recipe: Recipe, model_dir: str) -> None:
+    """Refuse ``data.max_seq_len`` beyond the model's context (when its config.json is at hand)."""
+    from qlora_kit.model.load import read_config
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file() or getattr(recipe.model, "rope_scaling", None):
+        return
+    config = read_config(path)
+    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    key = next((k for k in CONTEXT_KEYS if isinstance(config.get(k), int) and config[k] > 0), None)
+    if key is not None and recipe.data.max_seq_len > config[key]:
+        raise UsageError(
+            f"data.max_seq_len={recipe.data.max_seq_len} is beyond the model's context of {config[key]} tokens "
+            f"({key} in {path})",
+            f"set data.max_seq_len to {config[key]} or less",
+        )
+
+
+def check_eval_split(recipe: Recipe, examples: list[Any], pad_id: int) -> None:
+    """The held-out split must make at least one batch, checked before the model loads."""
+    from qlora_kit.data.batches import BatchStream
+
+    d, t = recipe.data, recipe.train
+    try:
+        BatchStream(examples, t.micro_batch, d.max_seq_len, d.packing, pad_id, t.seed)
+    except UsageError as exc:
+        tokens = sum(len(e["input_ids"]) for e in examples)
+        raise UsageError(
+            f"the held-out split (data.eval_fraction={d.eval_fraction}: {len(examples)} samples, {tokens} tokens) "
+            f"makes no batch: {exc.message}",
+            "raise data.eval_fraction, lower data.max_seq_len, or turn data.packing off",
+        ) from None
