@@ -162,80 +162,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from qlora_kit import recipe as recipes
+    from qlora_kit.catalog.bundled import resolve
     from qlora_kit.catalog.gpus import resolve_gpu
     from qlora_kit.catalog.models import resolve_model
-    from qlora_kit.plan.recipes import from_plan, to_constraints
-    from qlora_kit.plan.search import Constraints, plan, plan_json
+    from qlora_kit.plan.search import plan, plan_json
 
     device = resolve_gpu(args.gpu)
-    if args.recipe:
-        fixed = [
-            f
-            for f in ("model", "quant", "rank", "targets", "batch_size", "seq_len", "optimizer", "dtype")
-            if getattr(args, f) not in (None, "auto")
-        ]
-        if fixed or args.grad_ckpt != "auto" or args.double_quant is not None:
-            raise UsageError(
-                "--recipe fixes every knob; options like --"
-                + (fixed or ["grad-ckpt"])[0].replace("_", "-")
-                + " contradict it",
-                "change the recipe or use --set section.key=value",
-            )
-        rec = recipes.load_recipe(args.recipe, args.set)
-        model_name, constraints, data = rec.model.name, to_constraints(rec), rec.data
-    else:
-        if not args.model:
-            raise UsageError("plan needs --model (or --recipe)", "e.g. qlora-kit plan --model opt-6.7b --gpu 24GB")
-        if args.set:
-            raise UsageError("--set overrides recipe keys", "use it with --recipe")
-        if args.quant in ("none", "int8") and args.double_quant:
-            raise UsageError(f"--double-quant contradicts --quant {args.quant}", "double quant is for nf4/fp4")
-        constraints = Constraints(
-            quant=None if args.quant == "auto" else args.quant,
-            double_quant=args.double_quant,
-            rank=args.rank,
-            targets=args.targets,
-            optimizer=None if args.optimizer == "auto" else args.optimizer,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            grad_ckpt={"auto": None, "on": True, "off": False}[args.grad_ckpt],
-            attn=args.attn,
-            dtype=args.dtype,
-            effective_batch=args.effective_batch,
-            lora_dropout=args.lora_dropout,
-            lora_fa=args.lora_fa,
-            kernel=args.kernel,
-            upcast=args.upcast,
-            chunked_loss=args.chunked_loss,
-            offload_ckpt=args.offload_ckpt,
-        )
-        model_name, data = args.model, None
-    if args.gpus is not None or args.strategy:
-        import dataclasses
-
-        constraints = dataclasses.replace(
-            constraints,
-            gpus=constraints.gpus if args.gpus is None else args.gpus,
-            strategy=args.strategy or constraints.strategy,
-        )
-    from qlora_kit.catalog.bundled import resolve
-
+    model_name, constraints, data = _plan_inputs(args)
     arch = resolve_model(resolve(model_name))
     if args.sweep:
         return _sweep(args, arch, device, constraints)
     result = plan(arch, device, constraints)
     if args.write_recipe:
-        if args.data:
-            data = recipes.DataSpec(path=args.data)
-        written = from_plan(result, arch.name if not args.recipe else model_name, data or recipes.DEFAULT_DATA)
-        header = (
-            f"qlora-kit recipe for {arch.name} on {device.name}, written by\n"
-            f"  qlora-kit plan --model {model_name} --gpu {args.gpu} --write-recipe {args.write_recipe}\n"
-            f"train it with: qlora-kit train {args.write_recipe}"
-            + ("" if data else "\n(data: the bundled quotes; point data.path at your dataset)")
-        )
-        recipes.write_atomic(args.write_recipe, recipes.dump_recipe(written, header))
+        _write_plan_recipe(args, result, model_name, data)
     if args.json:
         print(json.dumps(plan_json(result), indent=2))
     else:
@@ -245,6 +184,89 @@ def _plan(args: argparse.Namespace) -> int:
         if args.write_recipe:
             ui.console.print(f"recipe written to {args.write_recipe}")
     return 0 if result.fits else 3
+
+
+def _plan_inputs(args: argparse.Namespace) -> tuple[str, Any, Any]:
+    """(model name, constraints, the recipe's data section or None) from ``--recipe`` or the knob flags."""
+    if args.recipe:
+        model_name, constraints, data = _recipe_constraints(args)
+    else:
+        model_name, constraints, data = args.model, _flag_constraints(args), None
+    if args.gpus is not None or args.strategy:
+        import dataclasses
+
+        constraints = dataclasses.replace(
+            constraints,
+            gpus=constraints.gpus if args.gpus is None else args.gpus,
+            strategy=args.strategy or constraints.strategy,
+        )
+    return model_name, constraints, data
+
+
+def _recipe_constraints(args: argparse.Namespace) -> tuple[str, Any, Any]:
+    from qlora_kit import recipe as recipes
+    from qlora_kit.plan.recipes import to_constraints
+
+    fixed = [
+        f
+        for f in ("model", "quant", "rank", "targets", "batch_size", "seq_len", "optimizer", "dtype")
+        if getattr(args, f) not in (None, "auto")
+    ]
+    if fixed or args.grad_ckpt != "auto" or args.double_quant is not None:
+        flag = (fixed or ["grad-ckpt"])[0].replace("_", "-")
+        raise UsageError(
+            f"--recipe fixes every knob; options like --{flag} contradict it",
+            "change the recipe or use --set section.key=value",
+        )
+    rec = recipes.load_recipe(args.recipe, args.set)
+    return rec.model.name, to_constraints(rec), rec.data
+
+
+def _flag_constraints(args: argparse.Namespace) -> Any:
+    from qlora_kit.plan.search import Constraints
+
+    if not args.model:
+        raise UsageError("plan needs --model (or --recipe)", "e.g. qlora-kit plan --model opt-6.7b --gpu 24GB")
+    if args.set:
+        raise UsageError("--set overrides recipe keys", "use it with --recipe")
+    if args.quant in ("none", "int8") and args.double_quant:
+        raise UsageError(f"--double-quant contradicts --quant {args.quant}", "double quant is for nf4/fp4")
+    return Constraints(
+        quant=None if args.quant == "auto" else args.quant,
+        double_quant=args.double_quant,
+        rank=args.rank,
+        targets=args.targets,
+        optimizer=None if args.optimizer == "auto" else args.optimizer,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        grad_ckpt={"auto": None, "on": True, "off": False}[args.grad_ckpt],
+        attn=args.attn,
+        dtype=args.dtype,
+        effective_batch=args.effective_batch,
+        lora_dropout=args.lora_dropout,
+        lora_fa=args.lora_fa,
+        kernel=args.kernel,
+        upcast=args.upcast,
+        chunked_loss=args.chunked_loss,
+        offload_ckpt=args.offload_ckpt,
+    )
+
+
+def _write_plan_recipe(args: argparse.Namespace, result: Any, model_name: str, data: Any) -> None:
+    """Write the recipe ``train`` runs for this plan (atomically), with a header saying how it was made."""
+    from qlora_kit import recipe as recipes
+    from qlora_kit.plan.recipes import from_plan
+
+    if args.data:
+        data = recipes.DataSpec(path=args.data)
+    written = from_plan(result, model_name if args.recipe else result.arch.name, data or recipes.DEFAULT_DATA)
+    header = (
+        f"qlora-kit recipe for {result.arch.name} on {result.device.name}, written by\n"
+        f"  qlora-kit plan --model {model_name} --gpu {args.gpu} --write-recipe {args.write_recipe}\n"
+        f"train it with: qlora-kit train {args.write_recipe}"
+        + ("" if data else "\n(data: the bundled quotes; point data.path at your dataset)")
+    )
+    recipes.write_atomic(args.write_recipe, recipes.dump_recipe(written, header))
 
 
 def _sweep(args: argparse.Namespace, arch: Any, device: Any, constraints: Any) -> int:

@@ -8,8 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.catalog.gpus import GIB, DeviceSpec
-from qlora_kit.catalog.models import ArchSpec
 from qlora_kit.plan.search import Plan
 from qlora_kit.plan.sweep import SweepResult
 

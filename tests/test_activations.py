@@ -29,7 +29,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from qlora_kit.catalog.models import ArchSpec, arch_from_config
+from qlora_kit.catalog.arch import ArchSpec
+from qlora_kit.catalog.readers import arch_from_config
 from qlora_kit.knobs import OPTIMIZERS, TrainSetup
 
 TOLERANCE = 0.05
@@ -223,7 +224,7 @@ def _model(tiny_model_dir: Any, case: Case) -> Any:
 
 
 def report(tiny_model_dir: Any, case: Case) -> Any:
-    from qlora_kit.measure import steps as measure
+    from qlora_kit.measure import report as measure
 
     if case not in _REPORTS:
         model = _model(tiny_model_dir, case)
@@ -357,7 +358,7 @@ GPU_LLAMA = {
 def _gpu_report(config: dict[str, Any], name: str, **knobs: Any) -> Any:
     import torch
 
-    from qlora_kit.measure import steps as measure
+    from qlora_kit.measure import report as measure
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

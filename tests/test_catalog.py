@@ -24,16 +24,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from qlora_kit.catalog.models import (
-    DEFAULT_TARGETS,
-    ArchSpec,
-    arch_from_config,
-    catalog_configs,
-    catalog_names,
-    lookup,
-    resolve_model,
-    supported_model_types,
-)
+from qlora_kit.catalog.arch import ArchSpec
+from qlora_kit.catalog.models import catalog_configs, catalog_names, lookup, resolve_model
+from qlora_kit.catalog.readers import DEFAULT_TARGETS, arch_from_config, supported_model_types
 from qlora_kit.errors import UsageError
 
 GROUPS = ("linear_weight", "expert_weight", "linear_bias", "embedding", "lm_head", "norm", "router")

@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import TINY_LLAMA as TINY
 
-from qlora_kit.catalog.models import arch_from_config
+from qlora_kit.catalog.readers import arch_from_config
 from qlora_kit.cli import main
 from qlora_kit.errors import UsageError
 from qlora_kit.knobs import TrainSetup

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from qlora_kit.catalog.models import arch_from_config
+from qlora_kit.catalog.readers import arch_from_config
 from qlora_kit.knobs import TrainSetup
 
 LLAMA = {
@@ -141,6 +141,7 @@ def test_selective_upcast_casts_only_layernorms(tiny_model_dir, family):
     import torch
 
     from qlora_kit.measure import steps as measure
+    from qlora_kit.measure.tensors import static_bytes
     from qlora_kit.plan.memory import other_param_bytes
 
     arch = arch_from_config(CONFIGS[family], family)
@@ -149,7 +150,7 @@ def test_selective_upcast_casts_only_layernorms(tiny_model_dir, family):
         s = setup(dtype="bf16", upcast=upcast)
         model = load(tiny_model_dir, family, s)
         fp32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32 and ".lora_" not in n}
-        assert measure.static_bytes(model)["other_params"] == other_param_bytes(arch, s)
+        assert static_bytes(model)["other_params"] == other_param_bytes(arch, s)
         ac = torch.bfloat16 if measure.uses_autocast(s) else None
         loss = measure.forward_loss(model, measure.random_batch(512, s), ac, "cpu")
         results[upcast] = (fp32, float(loss.detach()))
@@ -242,8 +243,8 @@ def test_planner_models_each_saver_on_a_real_size_model():
     the selective upcast halves the embeddings' and head's bytes, offloading moves every checkpoint to host."""
     from qlora_kit.catalog.models import resolve_model
     from qlora_kit.knobs import LOSS_CHUNK_TOKENS
-    from qlora_kit.plan.activations import peak_moment, peak_moments
     from qlora_kit.plan.memory import estimate
+    from qlora_kit.plan.moments import peak_moment, peak_moments
 
     arch = resolve_model("meta-llama/Llama-2-7b-hf")
     base = TrainSetup(batch_size=4, seq_len=2048)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_kit.catalog.models import arch_from_config
+from qlora_kit.catalog.readers import arch_from_config
 from qlora_kit.knobs import TrainSetup
 from qlora_kit.plan.memory import linear_weight_bytes, other_param_bytes, quant_state_bytes
 

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from conftest import TINY_LLAMA
 
-from qlora_kit.catalog.models import ArchSpec, arch_from_config
+from qlora_kit.catalog.arch import ArchSpec
+from qlora_kit.catalog.readers import arch_from_config
 from qlora_kit.knobs import OPTIMIZERS, TrainSetup
 from qlora_kit.plan import memory
 

@@ -13,7 +13,7 @@ the logits matter), the same batches and the same knobs go through (a) ``prepare
 + ``get_peft_model`` + transformers' ``Trainer`` and (b) qlora-kit's loading and training step
 (``qlora_kit.measure.steps``, what ``qlora-kit train`` runs) with each switch, the settings alternating, each run
 repeated. Per setting: the median step time and the peak of live tensor bytes of one steady-state step
-(CPU: the torch profiler's memory events, as ``qlora_kit.measure.steps``; CUDA: ``max_memory_allocated``),
+(CPU: the torch profiler's memory events, as ``qlora_kit.measure.tensors``; CUDA: ``max_memory_allocated``),
 both as ratios to (a); the bytes autograd keeps for backward after one forward; the loss at step N.
 ``--compute bf16``: the 4-bit layers compute in bf16, the checkpoint is bf16, and both sides run under bf16
 autocast (the Trainer with ``bf16=True``; the run checks that the head's output is bf16 on both sides).
@@ -103,7 +103,7 @@ def batches(n: int, batch: int, seq: int, vocab: int, device: str) -> list[dict[
 
 
 def _profiled_peak(prof: Any, baseline: int) -> int:
-    """Baseline plus the highest running sum of the profiler's CPU allocation events (``measure.cpu_step_peak``
+    """Baseline plus the highest running sum of the profiler's CPU allocation events (``tensors.cpu_step_peak``
     takes a callable; the Trainer's step is only reachable from callbacks, so the sum is taken here)."""
     events = sorted(
         (e.start_ns(), i, e.nbytes())
@@ -156,15 +156,16 @@ def _watch_head(model: Any, run: Run) -> Any:
 
 
 def _baseline(model: Any, optimizer: Any, batch: dict[str, Any]) -> int:
-    from qlora_kit.measure import steps as measure
+    from qlora_kit.measure import tensors
 
-    return measure.storage_bytes(measure.persistent_tensors(model, optimizer, batch))
+    return tensors.storage_bytes(tensors.persistent_tensors(model, optimizer, batch))
 
 
 def _saved(model: Any, batch: dict[str, Any], device: str, chunked: bool, autocast: Any) -> int:
     from qlora_kit.measure import steps as measure
+    from qlora_kit.measure.tensors import quant_state_tensors
 
-    persistent = [*model.parameters(), *model.buffers(), *measure.quant_state_tensors(model), *batch.values()]
+    persistent = [*model.parameters(), *model.buffers(), *quant_state_tensors(model), *batch.values()]
     loss, hooked, kept = measure.forward_saved(model, batch, autocast, device, persistent, chunked)
     del loss
     return sum(hooked.values()) + sum(kept.values())
@@ -252,7 +253,7 @@ def run_kit(
     """(b): the model as ``qlora-kit train`` builds it for these knobs, stepped as it steps it."""
     import torch
 
-    from qlora_kit.catalog.models import arch_from_config
+    from qlora_kit.catalog.readers import arch_from_config
     from qlora_kit.knobs import TrainSetup
     from qlora_kit.measure import steps as measure
 

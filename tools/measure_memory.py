@@ -98,7 +98,7 @@ def _source(args: argparse.Namespace) -> tuple[dict[str, object], str, Path | No
 
 
 def _setup(args: argparse.Namespace, cfg: dict[str, object]) -> TrainSetup:
-    from qlora_kit.catalog.models import arch_from_config
+    from qlora_kit.catalog.readers import arch_from_config
 
     arch = arch_from_config(cfg)
     _, targets = resolve_targets(arch, args.targets)
@@ -134,7 +134,7 @@ def render(report: object) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from qlora_kit.measure.steps import Report
+    from qlora_kit.measure.report import Report
 
     assert isinstance(report, Report)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from qlora_kit.measure import steps as measure
+        from qlora_kit.measure import report as measure
 
         hf_logging.disable_progress_bar()
         torch.set_num_threads(args.threads)

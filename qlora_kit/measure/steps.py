@@ -2,7 +2,8 @@
 
 The model is loaded exactly the way ``qlora-kit train`` loads it (:func:`qlora_kit.model.load.load_base`,
 :func:`qlora_kit.model.lora.prepare`, :func:`qlora_kit.model.lora.apply_lora`, from recipe specs) and stepped the
-way train steps it (:func:`train_step`). Then, for each term of :func:`qlora_kit.plan.memory.estimate`:
+way train steps it (:func:`train_step`). Then, for each term of :func:`qlora_kit.plan.memory.estimate`
+(counted by :mod:`qlora_kit.measure.tensors`; :mod:`qlora_kit.measure.report` sets them beside the planner's):
 
 - static terms (weights, quantization state, other parameters, LoRA parameters, their gradients,
   optimizer state): the bytes of the tensors themselves, each storage counted once;
@@ -24,24 +25,32 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
-import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlora_kit.catalog.models import ArchSpec, arch_from_config
 from qlora_kit.knobs import TrainSetup
+from qlora_kit.measure.tensors import (
+    Peak,
+    cpu_step_peak,
+    ctx_tensors,
+    cuda_step_peak,
+    nbytes_by_storage,
+    optimizer_tensors,
+    persistent_tensors,
+    quant_state_tensors,
+    saved_tensor_recorder,
+    static_bytes,
+    storage_bytes,
+)
 from qlora_kit.model.load import load_base, torch_dtype
 from qlora_kit.model.lora import apply_lora, prepare
-from qlora_kit.plan import memory
-from qlora_kit.plan.activations import peak_moment, saved_bytes
 from qlora_kit.recipe import LoraSpec, ModelSpec, QuantSpec
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -182,136 +191,7 @@ def optimizer_step(optimizer: Any) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-# -- counting bytes -------------------------------------------------------------------------------------
-
-
-def storage_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of the storages behind ``tensors``, each storage counted once."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
-
-
-def _is_lora(name: str) -> bool:
-    return ".lora_" in name
-
-
-def _linear_kinds() -> tuple[type, ...]:
-    import bitsandbytes as bnb
-    from transformers.pytorch_utils import Conv1D
-
-    return (torch.nn.Linear, Conv1D, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-
-
-def quantizable_weights(model: Any) -> list[Any]:
-    """Weights of the linears the planner calls linear weights: every nn.Linear/Conv1D (or their
-    bitsandbytes replacements) but the output head and the LoRA adapters."""
-    skip = {"lm_head", "embed_out", "lora_A", "lora_B"}
-    return [
-        module.weight
-        for name, module in model.named_modules()
-        if isinstance(module, _linear_kinds()) and not skip.intersection(name.split("."))
-    ]
-
-
-def quant_state_tensors(model: Any) -> list[Any]:
-    """Quantization constants beside the packed weights: 4-bit absmax/code (+ nested state), LLM.int8's
-    row scales (``Int8Params.SCB``; after the first forward ``Linear8bitLt`` moves them to its
-    ``state``)."""
-    tensors: list[Any] = []
-    for name, module in model.named_modules():
-        if "lora_" in name or not isinstance(module, _linear_kinds()):
-            continue
-        w = module.weight
-        qs = getattr(w, "quant_state", None)
-        if qs is not None:
-            tensors += [qs.absmax, qs.code]
-            if qs.nested:
-                tensors += [qs.offset, qs.state2.absmax, qs.state2.code]
-        tensors += [getattr(w, "SCB", None), getattr(getattr(module, "state", None), "SCB", None)]
-    return [t for t in tensors if isinstance(t, torch.Tensor)]
-
-
-def optimizer_tensors(optimizer: Any, with_step: bool = False) -> list[Any]:
-    """Tensors in ``optimizer.state`` (torch's 0-d ``step`` counters only when asked: the planner leaves
-    them out, 4 B per tensor)."""
-    return [
-        v
-        for s in optimizer.state.values()
-        for k, v in s.items()
-        if isinstance(v, torch.Tensor) and (with_step or k != "step")
-    ]
-
-
-def static_bytes(model: Any) -> dict[str, int]:
-    """Bytes of the weights, quantization state, other parameters and LoRA parameters, from the tensors."""
-    params = dict(model.named_parameters())
-    lora = [p for n, p in params.items() if _is_lora(n)]
-    weights = quantizable_weights(model)
-    taken = {t.untyped_storage().data_ptr() for t in weights + lora}
-    others = [p for p in params.values() if p.untyped_storage().data_ptr() not in taken]
-    return {
-        "linear_weights": storage_bytes(weights),
-        "quant_state": storage_bytes(quant_state_tensors(model)),
-        "other_params": storage_bytes(others),
-        "lora_params": storage_bytes(lora),
-    }
-
-
-def persistent_tensors(model: Any, optimizer: Any, batch: Mapping[str, Any]) -> list[Any]:
-    """Everything alive between steps: parameters, buffers, quantization state, optimizer state, the batch."""
-    return [
-        *model.parameters(),
-        *model.buffers(),
-        *quant_state_tensors(model),
-        *optimizer_tensors(optimizer, with_step=True),
-        *[v for v in batch.values() if isinstance(v, torch.Tensor)],
-    ]
-
-
-# -- saved for backward ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def saved_tensor_recorder(exclude: set[int]) -> Iterator[dict[int, Any]]:
-    """Record every tensor autograd packs for backward, by storage (``exclude``: storage pointers of
-    parameters and other persistent tensors). The records hold references: drop them before backward."""
-    recs: dict[int, Any] = {}
-
-    def pack(t: Any) -> Any:
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            return t
-        if ptr not in exclude and ptr not in recs:
-            recs[ptr] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield recs
-
-
-def ctx_tensors(loss: Any) -> list[Any]:
-    """Tensors custom autograd functions keep as plain ``ctx`` attributes (not saved tensors, alive until
-    backward all the same): walk the graph from the loss. LLM.int8's ``MatMul8bitFp``/``MatMul8bitLt``
-    keep their input this way."""
-    out: list[Any] = []
-    seen: set[int] = set()
-    todo = [loss.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        attrs = getattr(node, "__dict__", None) or {}
-        for v in attrs.values():
-            items = v if isinstance(v, (tuple, list)) else (v,)
-            out += [x for x in items if isinstance(x, torch.Tensor)]
-        todo += [f for f, _ in node.next_functions]
-    return out
+# -- saved for backward and one measurement -----------------------------------------------------------
 
 
 def forward_saved(
@@ -342,68 +222,6 @@ def saved_after_forward(model: Any, setup: TrainSetup, vocab_size: int, device: 
     loss, hooked, kept = forward_saved(model, batch, ac, device, persistent, setup.chunked_loss)
     del loss
     return sum(hooked.values()) + sum(kept.values())
-
-
-def nbytes_by_storage(tensors: Iterable[Any], exclude: set[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        if s.data_ptr() not in exclude and s.nbytes() > 0:
-            out[s.data_ptr()] = s.nbytes()
-    return out
-
-
-# -- the live-bytes peak --------------------------------------------------------------------------------
-
-
-@dataclass
-class Peak:
-    baseline_bytes: int  # alive at the start of the step
-    peak_bytes: int  # the most alive at any moment of the step
-    reserved_bytes: int = 0  # CUDA: max_memory_reserved
-    device_bytes: int = 0  # CUDA: the device's used memory after the step (total - free, as nvidia-smi)
-    at_s: float = 0.0  # seconds into the step when the peak was reached (CPU)
-
-
-def cpu_step_peak(step: Any, baseline_bytes: int) -> Peak:
-    """Run ``step()`` under the torch profiler's memory events; the peak of ``baseline_bytes`` plus the
-    running sum of allocations minus frees."""
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted(
-        (e.start_ns(), i, e.nbytes())
-        for i, e in enumerate(prof.profiler.kineto_results.events())  # type: ignore[union-attr]
-        if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU"
-    )
-    live = top = 0
-    t0 = t_top = events[0][0] if events else 0
-    for ts, _, nbytes in events:
-        live += nbytes
-        if live > top:
-            top, t_top = live, ts
-    return Peak(baseline_bytes, baseline_bytes + top, at_s=(t_top - t0) / 1e9)
-
-
-def cuda_step_peak(step: Any, device: str) -> Peak:
-    torch.cuda.synchronize(device)
-    gc.collect()
-    torch.cuda.reset_peak_memory_stats(device)
-    baseline = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    free, total = torch.cuda.mem_get_info(device)
-    return Peak(
-        baseline,
-        torch.cuda.max_memory_allocated(device),
-        torch.cuda.max_memory_reserved(device),
-        device_bytes=total - free,
-    )
-
-
-# -- one measurement ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -484,146 +302,3 @@ def measure_model(
     step_s = time.perf_counter() - t0
     losses += result
     return Measurement(terms, sum(hooked.values()), sum(kept.values()), peak, losses, step_s)
-
-
-# -- the planner's side and the comparison --------------------------------------------------------------
-
-
-def predict(arch: ArchSpec, setup: TrainSetup, device: str = "cpu") -> dict[str, int]:
-    """The planner's numbers for the measured quantities, on ``device``'s semantics.
-
-    ``optimizer_state`` is the bytes of the state tensors, paged or not; on CPU paged optimizers fall
-    back to unpaged ones, so their state counts in the peak there (on CUDA it lives in unified memory,
-    outside ``max_memory_allocated``). ``dynamic`` is what the step adds to what is alive when it starts:
-    the LoRA gradients (alive across accumulated micro-batches) and the activation peak terms.
-    """
-    dev = device.split(":")[0]
-    est = memory.estimate(arch, setup, device=dev)
-    b = est.breakdown
-    out = {k: b[k] for k in STATIC}
-    out["optimizer_state"] = memory.optimizer_state_bytes(arch, setup)
-    saved = saved_bytes(arch, setup, dev)
-    layers: list[dict[str, int]] = saved["layers"]  # type: ignore[assignment]
-    out["saved"] = int(saved["total"])  # type: ignore[call-overload]
-    out["saved_ctx"] = sum(p.get("quant.kept_inputs", 0) for p in layers)
-    for k in ("activations", "logits_loss", "transient"):
-        out[k] = b[k]
-    out["dynamic"] = b["lora_grads"] + b["activations"] + b["logits_loss"] + b["transient"]
-    if dev == "cuda":
-        out["peak_allocated"] = est.peak_allocated_bytes
-        out["peak_reserved"] = est.peak_reserved_bytes
-        out["device"] = est.device_bytes
-    else:
-        out["peak"] = sum(out[k] for k in STATIC if k != "lora_grads") + out["dynamic"]
-    return out
-
-
-@dataclass(frozen=True)
-class Row:
-    term: str
-    measured: int
-    predicted: int
-
-    @property
-    def error(self) -> float:
-        """Signed relative error of the prediction (0 when both are 0)."""
-        if not self.measured:
-            return 0.0 if not self.predicted else float("inf")
-        return (self.predicted - self.measured) / self.measured
-
-
-def compare(m: Measurement, predicted: Mapping[str, int]) -> list[Row]:
-    """Measured next to predicted, term by term: the static terms, ``saved`` (everything kept for
-    backward; ``saved_ctx`` the part custom functions keep on ``ctx``), ``dynamic`` (the peak above what
-    is alive when the step starts) and the peak itself (CPU: live tensor bytes; CUDA: allocated,
-    reserved, and the device's used memory)."""
-    rows = [Row(k, m.terms[k], predicted[k]) for k in STATIC]
-    rows.append(Row("saved", m.saved_bytes, predicted["saved"]))
-    rows.append(Row("saved_ctx", m.saved_ctx_bytes, predicted["saved_ctx"]))
-    rows.append(Row("dynamic", m.peak.peak_bytes - m.peak.baseline_bytes, predicted["dynamic"]))
-    if "peak_allocated" in predicted:
-        rows.append(Row("peak_allocated", m.peak.peak_bytes, predicted["peak_allocated"]))
-        rows.append(Row("peak_reserved", m.peak.reserved_bytes, predicted["peak_reserved"]))
-        rows.append(Row("device", m.peak.device_bytes, predicted["device"]))
-    else:
-        rows.append(Row("peak", m.peak.peak_bytes, predicted["peak"]))
-    return rows
-
-
-@dataclass
-class Report:
-    """One measurement next to the planner: what ``tools/measure_memory.py`` prints and writes."""
-
-    model: str
-    device: str
-    setup: TrainSetup
-    grad_accum: int
-    rows: list[Row]
-    measurement: Measurement
-    predicted: dict[str, int]
-    moment: str  # where the planner puts the peak
-
-    def row(self, term: str) -> Row:
-        return next(r for r in self.rows if r.term == term)
-
-    def to_json(self) -> dict[str, Any]:
-        setup = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.setup).items()}
-        return {
-            "model": self.model,
-            "device": self.device,
-            "setup": setup,
-            "grad_accum": self.grad_accum,
-            "planner_peak_moment": self.moment,
-            "terms": [{**asdict(r), "error": r.error} for r in self.rows],
-            "predicted": self.predicted,
-            "peak": asdict(self.measurement.peak),
-            "losses": self.measurement.losses,
-            "step_s": self.measurement.step_s,
-        }
-
-
-def measure_and_compare(
-    model: Any,
-    arch: ArchSpec,
-    setup: TrainSetup,
-    device: str = "cpu",
-    steps: int = 2,
-    grad_accum: int = 2,
-    seed: int = 0,
-) -> Report:
-    """Step a model loaded by :func:`load_for_training` and compare with the planner."""
-    m = measure_model(model, setup, arch.vocab_size, device, steps, grad_accum, seed)
-    predicted = predict(arch, setup, device)
-    moment = peak_moment(arch, setup, device.split(":")[0])
-    return Report(arch.name, device, setup, grad_accum, compare(m, predicted), m, predicted, moment)
-
-
-def run(
-    config: Mapping[str, Any],
-    setup: TrainSetup,
-    device: str = "cpu",
-    steps: int = 2,
-    grad_accum: int = 2,
-    model_dir: str | Path | None = None,
-    name: str = "",
-    work_dir: str | Path | None = None,
-) -> Report:
-    """Build a random-init model from ``config`` (or load ``model_dir``, a checkpoint with weights), load
-    it the way ``train`` does, step it and compare: the whole of ``tools/measure_memory.py``. The random
-    model is written to a temporary directory (under ``work_dir``) that is removed afterwards."""
-    arch = arch_from_config(config, name or str(config.get("model_type")))
-    with contextlib.ExitStack() as stack:
-        if model_dir is None:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="qlora-kit-measure-", dir=work_dir))
-            # 16-bit weights on a GPU (a 7B checkpoint is 13.5 GB); fp32 for the tiny CPU models
-            save_dtype = "fp32" if device == "cpu" else "bf16"
-            model_dir = save_random_model(config, tmp, save_dtype, device)
-        model = load_for_training(model_dir, setup, device)
-        report = measure_and_compare(model, arch, setup, device, steps, grad_accum)
-        del model
-        gc.collect()
-    return report
-
-
-def write_json(report: Report, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report.to_json(), indent=1) + "\n")

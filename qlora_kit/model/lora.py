@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlora_kit.catalog.models import DEFAULT_TARGETS
+from qlora_kit.catalog.readers import DEFAULT_TARGETS
 from qlora_kit.knobs import ALL_LINEAR
 from qlora_kit.recipe import LoraSpec, QuantSpec
 

@@ -1,6 +1,6 @@
 """The memory model: pure arithmetic in bytes, no torch.
 
-Every term is a function of an :class:`~qlora_kit.catalog.models.ArchSpec` and a :class:`TrainSetup`, with a
+Every term is a function of an :class:`~qlora_kit.catalog.arch.ArchSpec` and a :class:`TrainSetup`, with a
 docstring that says where its constants come from. :func:`estimate` adds them into the three named
 quantities the planner reports:
 
@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qlora_kit.catalog.models import ArchSpec, LinearSpec
+from qlora_kit.catalog.arch import ArchSpec, LinearSpec
 from qlora_kit.knobs import TrainSetup
-from qlora_kit.plan.activations import activation_peak_terms, saved_bytes
+from qlora_kit.plan.activations import saved_bytes
+from qlora_kit.plan.moments import activation_peak_terms
 
 MIB = 1 << 20
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from qlora_kit.catalog.models import ArchSpec
+from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.knobs import STRATEGIES, TrainSetup
 from qlora_kit.plan.memory import ALLOCATOR_SLACK, Estimate, estimate
 

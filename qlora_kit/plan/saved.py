@@ -87,6 +87,25 @@ class Opts:
     runlora_all: bool = False  # ... and every quantized linear is a target (no LLM.int8 ctx input kept)
 
 
+@dataclass(frozen=True)
+class Attn:
+    """One call of :meth:`Ctx.attn_core`: which inputs require grad and how the kernel gets them."""
+
+    q_rg: bool
+    k_rg: bool
+    v_rg: bool
+    k_heads: int
+    v_storage: int | None
+    q_storage: int | None
+    k_storage: int | None
+    gqa_capable: bool
+    has_mask: bool
+    eager_softmax: str
+    pre_softmax_tanh: bool
+    qkv_shared_storage: int | None
+    out_is_o_in: bool
+
+
 class Acc:
     """Collects named byte counts; `shared` keys count once per layer (same storage saved by several ops)."""
 
@@ -303,101 +322,121 @@ class Ctx:
         k_heads: number of key/value heads passed to the kernel.
         v_storage/q_storage/k_storage: bytes/elem-count override of the storage the kernel input is a view of.
         mask_to_sdpa: None -> decided from opts.mask; True/False force (falcon always passes a 4D mask)."""
-        d, o = self.d, self.o
-        b, s, nh, hd = d.b, d.s, d.nh, d.hd
-        bs = b * s
-        any_rg = q_rg or k_rg or v_rg
-        if not any_rg:
+        if not (q_rg or k_rg or v_rg):
             return
-        qd = d.q_dim
-        has_mask = (o.mask == "pad") if mask_to_sdpa is None else mask_to_sdpa
-        ea = self.e_a
-        if o.attn == "sdpa":
-            gqa_flag = False
-            kh = k_heads
-            if k_heads != nh and gqa_capable:
-                if has_mask:  # transformers: repeat_kv when a mask is passed (use_gqa_in_sdpa False)
-                    kh = nh
-                else:
-                    gqa_flag = True
-            heads_match = kh == nh
-            backend = self.sdpa_backend(heads_match, gqa_flag, has_mask, self.p_attn)
-            if backend in ("cpu_flash", "flash", "efficient"):
-                kvd = kh * hd
-                if qkv_shared_storage is not None and not self.attn_cast:
-                    acc.add("attn.qkv_fused_storage", bs * qkv_shared_storage * ea)
-                else:
-                    acc.add("attn.q", bs * (q_storage or qd) * ea)
-                    acc.add(
-                        "attn.k", bs * (k_storage if (k_storage and kh == k_heads and not self.attn_cast) else kvd) * ea
-                    )
-                    acc.add(
-                        "attn.v", bs * (v_storage if (v_storage and kh == k_heads and not self.attn_cast) else kvd) * ea
-                    )
-                acc.add("attn.out", bs * qd * ea)
-                # fused kernels allocate out as (b, s, nh, hd) and return a transposed view, so
-                # out.transpose(1,2).contiguous() is a no-op: the o_proj input IS this storage
-                # (only when q arrives in (b,s,nh,hd) memory layout: not for gpt_neox/phi, whose partial-rotary
-                # torch.cat makes q contiguous in (b,nh,s,hd))
-                if out_is_o_in:
-                    acc._keys.add("o_in")
-                s_lse = ceil(s / 32) * 32 if backend == "efficient" else s
-                acc.add("attn.logsumexp", b * nh * s_lse * 4)
-                if has_mask:
-                    s_pad = ceil(s / 16) * 16 if backend == "efficient" else s
-                    acc.add("attn.mask(float copy per layer)", b * s * s_pad * ea)
-                return
-            # math backend: bf16/fp16 inputs are upcast to fp32 (allowFP16BF16ReductionMathSDP off)
-            E = 4 if ea == 2 else ea
-            # q*sqrt(scale), k*sqrt(scale) (expanded to nh heads), softmax, v (bmm operand copy, nh heads)
-            scores_rg = q_rg or k_rg
-            acc.add("attn.math.q_scaled", bs * qd * E, k_rg)
-            acc.add("attn.math.k_scaled(nh heads)", bs * qd * E, q_rg)
-            acc.add("attn.math.softmax", b * nh * s * s * E, scores_rg or (v_rg and self.p_attn == 0))
-            vs = v_storage or qkv_shared_storage
-            v_b1 = vs if (vs and b == 1 and ea == E and not self.attn_cast) else qd
-            if b == 1 and k_heads == 1 and not gqa_capable:  # falcon MQA: broadcast k/v stay views at b == 1
-                kv_b1 = d.kv_dim if k_heads == d.nkv else hd
-                acc.p["attn.math.k_scaled(nh heads)"] = (
-                    acc.p.get("attn.math.k_scaled(nh heads)", 0) - bs * (qd - kv_b1) * E
-                    if q_rg
-                    else acc.p.get("attn.math.k_scaled(nh heads)", 0)
-                )
-                v_b1 = kv_b1
-            acc.add("attn.math.v(nh heads)", bs * v_b1 * E, scores_rg)
-            if self.p_attn > 0:
-                # at::dropout inside the math kernel (C++): CUDA -> bool mask, CPU -> E-byte noise tensor
-                acc.add("attn.math.dropout_mask", b * nh * s * s * (1 if self.cuda else E), scores_rg)
-                acc.add("attn.math.dropout_out", b * nh * s * s * E, v_rg)
-            return
-        # ---------------- eager
-        # q @ k^T : saves q iff k requires grad, k^T iff q requires grad
-        acc.add("attn.eager.q", bs * qd * ea, k_rg)
-        acc.add("attn.eager.k(expanded to nh)", bs * qd * ea, q_rg)
-        scores_rg = q_rg or k_rg
-        if pre_softmax_tanh:  # gemma2 attn_logit_softcapping: tanh(scores / cap) * cap
-            acc.add("attn.eager.softcap_tanh", b * nh * s * s * ea, scores_rg)
-        if eager_softmax == "fp32":
-            e_sm = 4
-        elif eager_softmax == "hidden":  # falcon: softmax(dtype=hidden_states.dtype)
-            e_sm = self.e_h if not self.ac else 4 if self.e_h == 4 else 2
-        else:  # "same": softmax in the scores dtype (gpt2)
-            e_sm = ea
-        acc.add(
-            "attn.eager.softmax_out", b * nh * s * s * e_sm, scores_rg or (v_rg and ea == e_sm and self.p_attn == 0)
+        a = Attn(
+            q_rg,
+            k_rg,
+            v_rg,
+            k_heads,
+            v_storage,
+            q_storage,
+            k_storage,
+            gqa_capable,
+            (self.o.mask == "pad") if mask_to_sdpa is None else mask_to_sdpa,
+            eager_softmax,
+            pre_softmax_tanh,
+            qkv_shared_storage,
+            out_is_o_in,
         )
-        e_probs_pre = self.e_p if eager_softmax == "fp32" else e_sm  # dtype after `.to(query.dtype)`
+        if self.o.attn != "sdpa":
+            self._attn_eager(acc, a)
+            return
+        kh, gqa_flag = a.k_heads, False
+        if a.k_heads != self.d.nh and a.gqa_capable:
+            if a.has_mask:  # transformers: repeat_kv when a mask is passed (use_gqa_in_sdpa False)
+                kh = self.d.nh
+            else:
+                gqa_flag = True
+        backend = self.sdpa_backend(kh == self.d.nh, gqa_flag, a.has_mask, self.p_attn)
+        if backend in ("cpu_flash", "flash", "efficient"):
+            self._attn_fused(acc, a, kh, backend)
+        else:
+            self._attn_math(acc, a)
+
+    def _attn_fused(self, acc: Acc, a: Attn, kh: int, backend: str) -> None:
+        """sdpa's flash / memory-efficient kernels: q, k, v, the output and the logsumexp (and a padded
+        batch's float mask); ``kh``: the key/value heads the kernel gets."""
+        d, ea = self.d, self.e_a
+        b, s, bs, qd, kvd = d.b, d.s, d.b * d.s, d.q_dim, kh * d.hd
+        if a.qkv_shared_storage is not None and not self.attn_cast:
+            acc.add("attn.qkv_fused_storage", bs * a.qkv_shared_storage * ea)
+        else:
+            same_heads = kh == a.k_heads and not self.attn_cast
+            acc.add("attn.q", bs * (a.q_storage or qd) * ea)
+            acc.add("attn.k", bs * (a.k_storage if (a.k_storage and same_heads) else kvd) * ea)
+            acc.add("attn.v", bs * (a.v_storage if (a.v_storage and same_heads) else kvd) * ea)
+        acc.add("attn.out", bs * qd * ea)
+        # fused kernels allocate out as (b, s, nh, hd) and return a transposed view, so
+        # out.transpose(1,2).contiguous() is a no-op: the o_proj input IS this storage
+        # (only when q arrives in (b,s,nh,hd) memory layout: not for gpt_neox/phi, whose partial-rotary
+        # torch.cat makes q contiguous in (b,nh,s,hd))
+        if a.out_is_o_in:
+            acc._keys.add("o_in")
+        s_lse = ceil(s / 32) * 32 if backend == "efficient" else s
+        acc.add("attn.logsumexp", b * d.nh * s_lse * 4)
+        if a.has_mask:
+            s_pad = ceil(s / 16) * 16 if backend == "efficient" else s
+            acc.add("attn.mask(float copy per layer)", b * s * s_pad * ea)
+
+    def _attn_math(self, acc: Acc, a: Attn) -> None:
+        """sdpa's math backend: bf16/fp16 inputs are upcast to fp32 (allowFP16BF16ReductionMathSDP off);
+        q*sqrt(scale), k*sqrt(scale) (expanded to nh heads), softmax, v (bmm operand copy, nh heads)."""
+        d, ea = self.d, self.e_a
+        b, s, nh, hd, bs, qd = d.b, d.s, d.nh, d.hd, d.b * d.s, d.q_dim
+        E = 4 if ea == 2 else ea
+        scores_rg = a.q_rg or a.k_rg
+        acc.add("attn.math.q_scaled", bs * qd * E, a.k_rg)
+        acc.add("attn.math.k_scaled(nh heads)", bs * qd * E, a.q_rg)
+        acc.add("attn.math.softmax", b * nh * s * s * E, scores_rg or (a.v_rg and self.p_attn == 0))
+        vs = a.v_storage or a.qkv_shared_storage
+        v_b1 = vs if (vs and b == 1 and ea == E and not self.attn_cast) else qd
+        if b == 1 and a.k_heads == 1 and not a.gqa_capable:  # falcon MQA: broadcast k/v stay views at b == 1
+            kv_b1 = d.kv_dim if a.k_heads == d.nkv else hd
+            acc.p["attn.math.k_scaled(nh heads)"] = (
+                acc.p.get("attn.math.k_scaled(nh heads)", 0) - bs * (qd - kv_b1) * E
+                if a.q_rg
+                else acc.p.get("attn.math.k_scaled(nh heads)", 0)
+            )
+            v_b1 = kv_b1
+        acc.add("attn.math.v(nh heads)", bs * v_b1 * E, scores_rg)
+        if self.p_attn > 0:
+            # at::dropout inside the math kernel (C++): CUDA -> bool mask, CPU -> E-byte noise tensor
+            acc.add("attn.math.dropout_mask", b * nh * s * s * (1 if self.cuda else E), scores_rg)
+            acc.add("attn.math.dropout_out", b * nh * s * s * E, a.v_rg)
+
+    def _eager_softmax_bytes(self, a: Attn) -> int:
+        if a.eager_softmax == "fp32":
+            return 4
+        if a.eager_softmax == "hidden":  # falcon: softmax(dtype=hidden_states.dtype)
+            return self.e_h if not self.ac else 4 if self.e_h == 4 else 2
+        return self.e_a  # "same": softmax in the scores dtype (gpt2)
+
+    def _attn_eager(self, acc: Acc, a: Attn) -> None:
+        """Eager attention: q @ k^T saves q iff k requires grad, k^T iff q requires grad; the softmax (and
+        softcap tanh), dropout, and v for probs @ v."""
+        d, ea = self.d, self.e_a
+        b, s, nh, hd, bs, qd = d.b, d.s, d.nh, d.hd, d.b * d.s, d.q_dim
+        acc.add("attn.eager.q", bs * qd * ea, a.k_rg)
+        acc.add("attn.eager.k(expanded to nh)", bs * qd * ea, a.q_rg)
+        scores_rg = a.q_rg or a.k_rg
+        if a.pre_softmax_tanh:  # gemma2 attn_logit_softcapping: tanh(scores / cap) * cap
+            acc.add("attn.eager.softcap_tanh", b * nh * s * s * ea, scores_rg)
+        e_sm = self._eager_softmax_bytes(a)
+        acc.add(
+            "attn.eager.softmax_out", b * nh * s * s * e_sm, scores_rg or (a.v_rg and ea == e_sm and self.p_attn == 0)
+        )
+        e_probs_pre = self.e_p if a.eager_softmax == "fp32" else e_sm  # dtype after `.to(query.dtype)`
         if self.p_attn > 0:
             acc.add("attn.eager.dropout_mask", b * nh * s * s * self.mask_bytes(e_probs_pre), scores_rg)
-            acc.add("attn.eager.dropout_out", b * nh * s * s * ea, v_rg)
-        else:
-            if ea != e_sm:
-                acc.add("attn.eager.probs(cast copy)", b * nh * s * s * ea, v_rg)
+            acc.add("attn.eager.dropout_out", b * nh * s * s * ea, a.v_rg)
+        elif ea != e_sm:
+            acc.add("attn.eager.probs(cast copy)", b * nh * s * s * ea, a.v_rg)
         # b == 1: reshaping the (1,nh,s,hd) view for bmm is itself a view, so a fused-qkv storage is kept
-        v_b1 = v_storage if (v_storage and b == 1 and not self.attn_cast) else qd
-        if b == 1 and k_heads == 1 and not gqa_capable:  # falcon MQA: broadcast k/v stay views at b == 1
+        v_b1 = a.v_storage if (a.v_storage and b == 1 and not self.attn_cast) else qd
+        if b == 1 and a.k_heads == 1 and not a.gqa_capable:  # falcon MQA: broadcast k/v stay views at b == 1
             v_b1 = hd
             acc.p["attn.eager.k(expanded to nh)"] = acc.p.get("attn.eager.k(expanded to nh)", 0) - (
-                bs * (qd - hd) * ea if q_rg else 0
+                bs * (qd - hd) * ea if a.q_rg else 0
             )
         acc.add("attn.eager.v(expanded to nh)", bs * v_b1 * ea, scores_rg)

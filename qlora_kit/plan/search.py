@@ -21,8 +21,9 @@ import math
 from dataclasses import dataclass, field
 from typing import cast
 
+from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.catalog.gpus import GIB, DeviceSpec, gpu_table
-from qlora_kit.catalog.models import DEFAULT_TARGETS, ArchSpec
+from qlora_kit.catalog.readers import DEFAULT_TARGETS
 from qlora_kit.errors import UsageError
 from qlora_kit.knobs import ALL_LINEAR, ATTNS, DTYPES, OPTIMIZERS, QUANTS, STRATEGIES, UPCASTS, TrainSetup
 from qlora_kit.plan import multigpu

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.catalog.gpus import DeviceSpec
-from qlora_kit.catalog.models import ArchSpec
 from qlora_kit.errors import UsageError
 from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, UPCASTS
 from qlora_kit.plan.search import Constraints, Plan, plan, plan_json
