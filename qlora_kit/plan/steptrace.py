@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from qlora_kit.catalog.models import ArchSpec
+from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.knobs import TrainSetup
-from qlora_kit.plan.activations import HEAD, loss_rows, saved_bytes, transient_bytes
+from qlora_kit.plan.activations import loss_rows, saved_bytes, transient_bytes
 from qlora_kit.plan.allocator import SMALL_SIZE, Event, replay
+from qlora_kit.plan.moments import HEAD
 
 FP32 = 4
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # as in qlora_kit.plan.memory
