@@ -55,6 +55,7 @@ class LoraSpec:
     bias: str = field(default="none", metadata=_choices("none", "all", "lora_only"))
     variant: str = field(default="lora", metadata=_choices("lora", "lora-fa"))  # lora-fa: A frozen, B trained
     kernel: str = field(default="peft", metadata=_choices("peft", "runlora"))  # runlora: qlora_kit.model.runlora
+    fa_correction: bool = False  # lora-fa: peft's LoRA-FA optimizer (B's gradient projected by (A A^T)^-1 / s^2)
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None
         problems.append("train.max_steps and train.epochs are both 0: nothing to train (set one of them)")
     if recipe.train.offload_ckpt and not recipe.train.grad_ckpt:
         problems.append(f"train.offload_ckpt{_at(lines, 'train.offload_ckpt')} needs train.grad_ckpt: true")
+    problems += _fa_correction_problems(recipe, lines)
     if problems:
         plural = "s" if len(problems) > 1 else ""
         raise UsageError(
@@ -279,6 +281,22 @@ def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None
             "fix the recipe (or the --set override) and run again",
         )
     return recipe
+
+
+def _fa_correction_problems(recipe: Recipe, lines: Mapping[str, int]) -> list[str]:
+    """``lora.fa_correction`` is peft's LoRA-FA optimizer: it needs A frozen, replaces the recipe's AdamW and
+    pairs each A with its B by parameter name, which an FSDP-flattened model no longer has."""
+    if not recipe.lora.fa_correction:
+        return []
+    at = _at(lines, "lora.fa_correction")
+    out = []
+    if recipe.lora.variant != "lora-fa":
+        out.append(f"lora.fa_correction{at} needs lora.variant: lora-fa")
+    if recipe.train.optimizer != "adamw":
+        out.append(f"lora.fa_correction{at} is its own AdamW: it needs train.optimizer: adamw")
+    if recipe.train.strategy != "ddp" and recipe.train.gpus > 1:
+        out.append(f"lora.fa_correction{at} works with train.strategy: ddp only")
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

@@ -87,3 +87,44 @@ def test_plan_flag_lowers_the_plan_and_lands_in_the_recipe(tmp_path, capsys):
     assert main(["plan", "--model", "opt-1.3b", "--gpu", "24GB", "--lora-fa", "--write-recipe", str(path)]) == 0
     capsys.readouterr()
     assert load_recipe(path).lora.variant == "lora-fa"
+
+
+def test_fa_correction_needs_lora_fa_and_adamw():
+    with pytest.raises(UsageError) as err:
+        build_recipe(
+            {"model": {"name": "opt-125m"}, "lora": {"fa_correction": True}, "train": {"optimizer": "adamw8bit"}}
+        )
+    assert "needs lora.variant: lora-fa" in str(err.value) and "train.optimizer: adamw" in str(err.value)
+    ok = build_recipe({"model": {"name": "opt-125m"}, "lora": {"variant": "lora-fa", "fa_correction": True}})
+    assert ok.lora.fa_correction is True
+
+
+def test_fa_correction_projects_b_gradient_by_the_inverse_gram_of_a(tmp_path):
+    """One step of peft's LoRA-FA optimizer as the train loop builds it: Adam's first moment of B is
+    (1 - beta1) * grad_B (A A^T)^-1 / s^2, A untouched, every other parameter without state."""
+    import torch
+    from test_train import demo_recipe
+
+    from qlora_kit.model.load import load_base, materialize_random_init, resolve_model_spec
+    from qlora_kit.model.lora import apply_lora, prepare
+    from qlora_kit.train.loop import _lorafa_optimizer
+
+    recipe = demo_recipe(tmp_path / "run", **{"lora.variant": "lora-fa", "lora.fa_correction": "true"})
+    spec = materialize_random_init(resolve_model_spec(recipe.model), tmp_path / "base", 0)
+    model = apply_lora(prepare(load_base(spec, recipe.quant), recipe.quant, False), recipe.lora)
+    optimizer = _lorafa_optimizer(model, recipe.lora, lr=1e-3, weight_decay=0.0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    a0, grad_b = a.detach().clone(), b.grad.detach().clone()
+    assert a.grad is None and grad_b.abs().sum() > 0
+    optimizer.step()
+    s = layer.scaling["default"]
+    expected = 0.1 * grad_b @ torch.linalg.inv(a0 @ a0.T) / s**2
+    name = next(n for n, p in model.named_parameters() if p is b)
+    got = optimizer.state[name[: name.find("lora")] + "lora"]["exp_avg_B"]
+    # peft computes the projection under bf16 autocast where bf16 is available (the CPU included)
+    assert torch.allclose(got, expected, rtol=2e-2, atol=1e-3 * expected.abs().max().item())
+    assert not torch.allclose(got, 0.1 * grad_b, rtol=0.1)  # the correction really changes the direction
+    assert torch.equal(a, a0)

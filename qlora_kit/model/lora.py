@@ -83,3 +83,15 @@ def freeze_lora_a(model: Any) -> int:
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) weights. A packed 4-bit parameter (bitsandbytes ``Params4bit``: two weights a byte,
+    or more in a wider storage dtype) counts as the weights it holds, from its quantization state's shape."""
+    trainable = total = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        n = int(state.shape.numel()) if state is not None and hasattr(state, "shape") else param.numel()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from qlora_kit.errors import QloraKitError, UsageError
-from qlora_kit.recipe import Recipe
+from qlora_kit.recipe import LoraSpec, Recipe
 from qlora_kit.train import checkpoint, distributed
 from qlora_kit.train.outputs import (
     METRICS_FILE,
@@ -50,6 +50,14 @@ class Interrupted(QloraKitError):
     """Ctrl-C: a checkpoint was saved; ``--resume`` continues."""
 
     exit_code = 130
+
+
+def _lorafa_optimizer(peft_model: Any, lora: LoraSpec, lr: float, weight_decay: float) -> Any:
+    """peft's LoRA-FA optimizer: AdamW on B with B's gradient projected by ``(A A^T)^-1 / s^2`` (the paper's
+    closed-form correction); it keeps state for B (and any other trainable parameter) only."""
+    from peft.optimizers import create_lorafa_optimizer
+
+    return create_lorafa_optimizer(peft_model, r=lora.rank, lora_alpha=lora.alpha, lr=lr, weight_decay=weight_decay)
 
 
 def _optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> Any:
@@ -239,7 +247,7 @@ def _build_model(run: Run) -> None:
     from transformers import get_scheduler
 
     from qlora_kit.model.load import load_base
-    from qlora_kit.model.lora import apply_lora, prepare
+    from qlora_kit.model.lora import apply_lora, count_parameters, prepare
 
     recipe, t, dist = run.recipe, run.recipe.train, run.dist
     run.output_dir.mkdir(parents=True, exist_ok=True)  # only once inputs have been checked
@@ -248,15 +256,18 @@ def _build_model(run: Run) -> None:
     spec = dc.replace(recipe.model, name=run.model_name, random_init=False)
     model = load_base(spec, recipe.quant, t.attn, distributed.device_map(dist, run.device.kind), storage)
     model = apply_lora(prepare(model, recipe.quant, t.grad_ckpt, t.offload_ckpt), recipe.lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in model.parameters())
+    trainable, total_params = count_parameters(model)  # packed 4-bit storage counted as its weights
     run.reporter.message(
         f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.3f}%)"
     )
     run.total = _total_steps(recipe, run.stream.epoch_batches)
     run.peft_model, run.model = model, distributed.wrap(model, dist, run.device.kind)  # FSDP: before the optimizer
     run.params = [p for p in run.model.parameters() if p.requires_grad]
-    run.optimizer = _optimizer(t.optimizer, run.params, t.lr, t.weight_decay)
+    run.optimizer = (
+        _lorafa_optimizer(model, recipe.lora, t.lr, t.weight_decay)
+        if recipe.lora.fa_correction
+        else _optimizer(t.optimizer, run.params, t.lr, t.weight_decay)
+    )
     run.scheduler = get_scheduler(
         t.schedule, run.optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=run.total
     )
