@@ -1,8 +1,8 @@
 """What an adapter directory says about its base: ``qlora_kit.json`` (written last by ``train``), the
 quantization the adapter was trained against, where the base is, and whether it is the same base.
 
-Shared by ``export``, ``generate`` and ``eval``, so that every command finds and checks the base
-the same way.
+Shared by ``export``, ``generate`` and ``eval``, so that every command reads an adapter's files, finds
+and checks the base, and refuses unsafe or broken files the same way.
 """
 
 from __future__ import annotations
@@ -10,23 +10,175 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+import pickle
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qlora_kit.errors import UsageError
-from qlora_kit.export.merge import LOAD_DTYPES, QUANT_MODES, Adapter, QuantSource
+from qlora_kit.knobs import DTYPES, QUANTS
 
 METADATA_FILE = "qlora_kit.json"  # what `qlora-kit train` writes last (train.METADATA_FILE)
+QUANT_MODES = QUANTS
+LOAD_DTYPES = tuple(DTYPES)
+TRUST_FLAG = "--trust-remote-code"
+PICKLE_FIX = "convert it to safetensors, or pass --allow-pickle if you trust its source"
 
 
-def read_metadata(adapter_path: Path) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class QuantSource:
+    mode: str  # nf4, fp4, int8, none
+    double_quant: bool
+    compute_dtype: str  # the dtype the base was loaded in (load_base uses the compute dtype)
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold one object: a broken or non-object file is one line naming it."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid JSON ({str(exc)[:120]})", fix) from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} holds a JSON {type(data).__name__}, not an object", fix)
+    return data
+
+
+# -- qlora_kit.json ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunMetadata:
+    """``qlora_kit.json``, parsed once. ``raw`` keeps every key, those this version does not read too."""
+
+    base_model: str | None
+    base_config_sha256: str | None
+    quant: dict[str, Any]
+    recipe: dict[str, Any] | None
+    summary: dict[str, Any]
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path) -> RunMetadata:
+        sections = {k: data.get(k) for k in ("quant", "recipe", "summary")}
+        for key, value in sections.items():
+            if value is not None and not isinstance(value, dict):
+                raise UsageError(f"{path}: {key!r} is a {type(value).__name__}, not an object", _METADATA_FIX)
+        for key in ("base_model", "base_config_sha256"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise UsageError(f"{path}: {key!r} is not a string", _METADATA_FIX)
+        return cls(
+            data.get("base_model") or None,
+            data.get("base_config_sha256") or None,
+            sections["quant"] or {},
+            sections["recipe"],
+            sections["summary"] or {},
+            dict(data),
+        )
+
+    def recipe_section(self, name: str) -> dict[str, Any]:
+        section = (self.recipe or {}).get(name)
+        return section if isinstance(section, dict) else {}
+
+    @property
+    def trust_remote_code(self) -> bool:
+        """Whether the run's recipe loaded its base with remote code (never acted on without the flag)."""
+        return bool(self.recipe_section("model").get("trust_remote_code"))
+
+
+_METADATA_FIX = f"re-run training, or delete {METADATA_FILE} and pass --base/--quant"
+
+
+def read_metadata(adapter_path: Path) -> RunMetadata | None:
     path = adapter_path / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return RunMetadata.from_dict(read_json_object(path, _METADATA_FIX), path) if path.is_file() else None
+
+
+def check_trust(metadata: RunMetadata | None, base_path: Path | None, trust_remote_code: bool) -> None:
+    """Remote code runs only from the user's own flag: a file that asks for it is refused without it."""
+    if trust_remote_code:
+        return
+    if metadata is not None and metadata.trust_remote_code:
+        raise UsageError(
+            f"the adapter's {METADATA_FILE} says its base needs remote code (trust_remote_code), "
+            "which qlora-kit never runs because a file asks",
+            f"pass {TRUST_FLAG} if you trust the base's code",
+        )
+    config = base_path / "config.json" if base_path is not None else None
+    if config is not None and config.is_file() and "auto_map" in read_json_object(config, "re-download the base"):
+        raise UsageError(
+            f"the base at {base_path} uses custom code (auto_map in its config.json)",
+            f"pass {TRUST_FLAG} if you trust that code",
+        )
+
+
+# -- the adapter's weights: one reader, one pickle rule ------------------------------------------------
+
+
+def adapter_config(path: Path) -> dict[str, Any]:
+    config_path = path / "adapter_config.json"
+    if not config_path.is_file():
+        what = f"adapter directory {path} does not exist" if not path.exists() else None
+        raise UsageError(
+            what or f"{path} is not a LoRA adapter: adapter_config.json is missing",
+            "point --adapter at the directory `qlora-kit train` (or peft's save_pretrained) wrote",
+        )
+    return read_json_object(config_path, "re-save the adapter, or point --adapter at a finished run")
+
+
+def adapter_weights(path: Path, allow_pickle: bool) -> dict[str, Any]:
+    """The adapter's tensors. Pickle (``adapter_model.bin``) only with ``allow_pickle``, and even then
+    through ``torch.load(weights_only=True)``: a file that would run code is one line, never run."""
+    import torch
+
+    st, pickled = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(st)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UsageError(f"{st} is truncated or corrupt ({str(exc)[:120]})", "re-save the adapter") from None
+    if pickled.is_file():
+        if not allow_pickle:
+            raise UsageError(f"{pickled} is a pickle file, which can run code when loaded", PICKLE_FIX)
+        try:
+            return dict(torch.load(pickled, map_location="cpu", weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UsageError(
+                f"{pickled} is not a plain tensor file; refused to load it ({first[:160]})",
+                "convert it to safetensors from a trusted source",
+            ) from None
+    raise UsageError(
+        f"{path} has adapter_config.json but no adapter_model.safetensors",
+        "the adapter is incomplete: re-save it, or point --adapter at a finished run",
+    )
+
+
+def check_factor_ranks(tensors: dict[str, Any], path: Path) -> None:
+    """Every LoRA A/B pair agrees on its rank (A is (r, in), B is (out, r); embeddings alike)."""
+    halves: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        m = re.match(r"(.+)\.lora_(A|B)\.weight$", key) or re.match(r"(.+)\.lora_embedding_(A|B)$", key)
+        if m:
+            halves.setdefault(m.group(1), {})[m.group(2)] = tensor
+    for module, pair in halves.items():
+        a, b = pair.get("A"), pair.get("B")
+        if a is not None and b is not None and a.dim() == b.dim() == 2 and a.shape[0] != b.shape[1]:
+            raise UsageError(
+                f"{path}: the LoRA factors of {module} disagree on the rank (A has {a.shape[0]} rows, "
+                f"B {b.shape[1]} columns)",
+                "the adapter is corrupt: re-save it",
+            )
+
+
+# -- the base: how it was quantized, where it is, whether it is the same one ----------------------------
 
 
 def quant_source(
-    metadata: dict[str, Any] | None,
+    metadata: RunMetadata | None,
     quant: str | None,
     double_quant: bool | None,
     compute_dtype: str | None,
@@ -38,24 +190,7 @@ def quant_source(
     if compute_dtype is not None and compute_dtype not in LOAD_DTYPES:
         raise UsageError(f"compute_dtype must be one of {', '.join(LOAD_DTYPES)}, got {compute_dtype!r}", "")
     if metadata is not None:
-        q = metadata.get("quant") or {}
-        if q.get("mode") not in QUANT_MODES:
-            raise UsageError(
-                f"the adapter's {METADATA_FILE} does not say how its base was quantized", "re-run training"
-            )
-        dq = bool(q.get("double_quant")) and q["mode"] in ("nf4", "fp4")
-        known = QuantSource(q["mode"], dq, q.get("compute_dtype") or compute_dtype or "")
-        for name, given, recorded in (
-            ("quant", quant, known.mode),
-            ("double_quant", double_quant, known.double_quant),
-            ("compute_dtype", compute_dtype, known.compute_dtype or None),
-        ):
-            if given is not None and given != recorded:
-                raise UsageError(
-                    f"{name}={given} contradicts the adapter's {METADATA_FILE}, which records {recorded}",
-                    "leave it out: qlora-kit adapters record how their base was quantized",
-                )
-        return known
+        return _recorded_quant(metadata, quant, double_quant, compute_dtype)
     if quant is None:
         if merge_into == "original":
             return None
@@ -74,11 +209,37 @@ def quant_source(
     return QuantSource(quant, bool(double_quant), compute_dtype or "")
 
 
-def resolve_base(base: str | None, metadata: dict[str, Any] | None, adapter: Adapter, adapter_path: Path) -> Path:
+def _recorded_quant(
+    metadata: RunMetadata, quant: str | None, double_quant: bool | None, compute_dtype: str | None
+) -> QuantSource:
+    q = metadata.quant
+    if q.get("mode") not in QUANT_MODES:
+        raise UsageError(f"the adapter's {METADATA_FILE} does not say how its base was quantized", "re-run training")
+    dq = bool(q.get("double_quant")) and q["mode"] in ("nf4", "fp4")
+    recorded_dtype = q.get("compute_dtype")
+    if recorded_dtype is not None and recorded_dtype not in LOAD_DTYPES:
+        raise UsageError(f"the adapter's {METADATA_FILE} records an unknown compute_dtype", _METADATA_FIX)
+    known = QuantSource(q["mode"], dq, recorded_dtype or compute_dtype or "")
+    for name, given, recorded in (
+        ("quant", quant, known.mode),
+        ("double_quant", double_quant, known.double_quant),
+        ("compute_dtype", compute_dtype, known.compute_dtype or None),
+    ):
+        if given is not None and given != recorded:
+            raise UsageError(
+                f"{name}={given} contradicts the adapter's {METADATA_FILE}, which records {recorded}",
+                "leave it out: qlora-kit adapters record how their base was quantized",
+            )
+    return known
+
+
+def resolve_base(base: str | None, metadata: RunMetadata | None, config_base: str | None, adapter_path: Path) -> Path:
+    """The base's directory: ``--base``, else qlora_kit.json's, else adapter_config.json's
+    ``base_model_name_or_path`` (``config_base``), looked for next to the adapter and in the hub cache."""
     from qlora_kit.catalog.bundled import resolve
 
-    name = base or (metadata or {}).get("base_model") or adapter.base_name
-    if not name:
+    name = base or (metadata.base_model if metadata else None) or config_base
+    if not name or not isinstance(name, str):
         raise UsageError(f"{adapter_path} does not say which base model it adapts", "pass --base PATH")
     name = resolve(name)
     candidates = [Path(name)]
@@ -105,19 +266,19 @@ def config_fingerprint(model_dir: str) -> str:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         return ""
-    data = json.loads(path.read_text())
+    data = read_json_object(path, "re-download or re-save the base")
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config"):
         data.pop(volatile, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def check_fingerprint(metadata: dict[str, Any] | None, base_path: Path) -> None:
-    recorded = (metadata or {}).get("base_config_sha256")
+def check_fingerprint(metadata: RunMetadata | None, base_path: Path) -> None:
+    recorded = metadata.base_config_sha256 if metadata else None
     if recorded and config_fingerprint(str(base_path)) != recorded:
         raise UsageError(
             f"the base at {base_path} is not the model the adapter was trained on (its config.json differs "
             f"from the one {METADATA_FILE} recorded)",
-            f"pass --base with the model recorded in {METADATA_FILE} ({(metadata or {}).get('base_model')})",
+            f"pass --base with the model recorded in {METADATA_FILE} ({metadata.base_model if metadata else None})",
         )
 
 
@@ -134,6 +295,14 @@ class LoadedInfo:
     recipe: dict[str, Any] | None = None  # the training recipe, from qlora_kit.json
 
 
+@dataclass(frozen=True)
+class Trust:
+    """What the user allowed on the command line: remote code, pickle files."""
+
+    remote_code: bool = False
+    pickle: bool = False
+
+
 def load_for_inference(
     adapter: str | None = None,
     model: str | None = None,
@@ -141,39 +310,56 @@ def load_for_inference(
     base: str | None = None,
     quant: str | None = None,
     double_quant: bool | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> tuple[Any, Any, LoadedInfo]:
     """(model in eval mode, tokenizer, info) for an adapter on its base, or a plain/merged model.
 
-    An adapter's base is loaded the way training loaded it: ``load_base`` with the recorded
-    quantization, the same k-bit preparation, then ``PeftModel.from_pretrained``; int8 layers run the
-    forward training ran (see ``export._reference_model``). A plain model (``model``, e.g. a merged
-    export) is loaded unquantized in fp32 on the CPU (16-bit matmuls are slow there), as stored on a GPU.
+    An adapter's base is loaded the way training loaded it (:func:`load_trained_base`), then
+    ``PeftModel.from_pretrained``; int8 layers run the forward training ran (see
+    ``export.verify._reference_model``). A plain model (``model``, e.g. a merged export) is loaded
+    unquantized in fp32 on the CPU (16-bit matmuls are slow there), as stored on a GPU.
     """
-    import torch
-
-    from qlora_kit.model.load import load_base, load_tokenizer
-    from qlora_kit.model.lora import prepare
-    from qlora_kit.recipe import ModelSpec, QuantSpec
-
-    device_map = {"": 0} if torch.cuda.is_available() else None
     if (adapter is None) == (model is None):
         raise UsageError("give exactly one of --adapter and --model", "--adapter DIR (a LoRA run) or --model DIR")
+    trust = Trust(trust_remote_code, allow_pickle)
     if model is not None:
         if base or quant or double_quant is not None:
             raise UsageError("--base/--quant/--double-quant go with --adapter", "leave them out with --model")
-        from qlora_kit.catalog.bundled import resolve
+        return _load_plain(model, trust)
+    return _load_adapter(Path(adapter or ""), base, quant, double_quant, trust)
 
-        spec = ModelSpec(name=resolve(model))
-        _check_model_dir(spec.name)
-        plain = QuantSpec("none", False, _stored_dtype(Path(spec.name)) if device_map else "fp32")
-        loaded = load_base(spec, plain, device_map=device_map)
-        info = LoadedInfo(spec.name, QuantSource("none", False, plain.compute_dtype))
-        return _for_generation(loaded), load_tokenizer(spec), info
-    adapter_path = Path(adapter or "")
-    if not (adapter_path / "adapter_config.json").is_file():
-        what = "does not exist" if not adapter_path.exists() else "has no adapter_config.json"
-        raise UsageError(f"adapter directory {adapter_path} {what}", "pass the output_dir of a training run")
-    config = json.loads((adapter_path / "adapter_config.json").read_text())
+
+def _device_map() -> Any:
+    import torch
+
+    return {"": 0} if torch.cuda.is_available() else None
+
+
+def _load_plain(model: str, trust: Trust) -> tuple[Any, Any, LoadedInfo]:
+    from qlora_kit.catalog.bundled import resolve
+    from qlora_kit.model.load import load_base, load_tokenizer
+    from qlora_kit.recipe import ModelSpec, QuantSpec
+
+    spec = ModelSpec(name=resolve(model), trust_remote_code=trust.remote_code)
+    _check_model_dir(spec.name)
+    if Path(spec.name).is_dir():
+        check_trust(None, Path(spec.name), trust.remote_code)
+    device_map = _device_map()
+    plain = QuantSpec("none", False, _stored_dtype(Path(spec.name)) if device_map else "fp32")
+    loaded = load_base(spec, plain, device_map=device_map)
+    info = LoadedInfo(spec.name, QuantSource("none", False, plain.compute_dtype))
+    return _for_generation(loaded), load_tokenizer(spec), info
+
+
+def _load_adapter(
+    adapter_path: Path, base: str | None, quant: str | None, double_quant: bool | None, trust: Trust
+) -> tuple[Any, Any, LoadedInfo]:
+    from qlora_kit.model.load import load_tokenizer
+    from qlora_kit.recipe import ModelSpec
+
+    config = adapter_config(adapter_path)
+    check_factor_ranks(adapter_weights(adapter_path, trust.pickle), adapter_path)
     metadata = read_metadata(adapter_path)
     if metadata is None and quant is None:
         raise UsageError(
@@ -182,10 +368,28 @@ def load_for_inference(
         )
     qsource = quant_source(metadata, quant, double_quant, None, "dequantized")
     assert qsource is not None  # quant is known: from the metadata or the caller
-    base_path = resolve_base(base, metadata, Adapter(adapter_path, config, {}), adapter_path)
+    base_path = resolve_base(base, metadata, config.get("base_model_name_or_path"), adapter_path)
     check_fingerprint(metadata, base_path)
-    # the recipe's quant section also holds k-bit preparation choices (which parameters go fp32)
-    recorded = ((metadata or {}).get("recipe") or {}).get("quant") or {}
+    check_trust(metadata, base_path, trust.remote_code)
+    loaded, qsource = load_trained_base(base_path, qsource, metadata, trust.remote_code, _device_map())
+    peft_model = _with_adapter(loaded, adapter_path, base_path)
+    has_tokenizer = any((adapter_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    source = adapter_path if has_tokenizer else base_path
+    tokenizer = load_tokenizer(ModelSpec(name=str(source), trust_remote_code=trust.remote_code))
+    info = LoadedInfo(str(base_path), qsource, str(adapter_path), metadata.recipe if metadata else None)
+    return _for_generation(peft_model), tokenizer, info
+
+
+def load_trained_base(
+    base_path: Path, qsource: QuantSource, metadata: RunMetadata | None, trust_remote_code: bool, device_map: Any
+) -> tuple[Any, QuantSource]:
+    """The base as training loaded it: ``load_base`` with the recorded quantization and the recipe's
+    k-bit preparation choices (which parameters go fp32); returns it and its exact quantization."""
+    from qlora_kit.model.load import load_base
+    from qlora_kit.model.lora import prepare
+    from qlora_kit.recipe import ModelSpec, QuantSpec
+
+    recorded = metadata.recipe_section("quant") if metadata else {}
     known = {f.name for f in dataclasses.fields(QuantSpec)}
     qspec = QuantSpec(
         **{
@@ -195,11 +399,16 @@ def load_for_inference(
             "compute_dtype": qsource.compute_dtype or _stored_dtype(base_path),
         }
     )
-    loaded = prepare(load_base(ModelSpec(name=str(base_path)), qspec, device_map=device_map), qspec, False)
+    spec = ModelSpec(name=str(base_path), trust_remote_code=trust_remote_code)
+    loaded = prepare(load_base(spec, qspec, device_map=device_map), qspec, False)
+    return loaded, QuantSource(qspec.mode, qspec.double_quant, qspec.compute_dtype)
+
+
+def _with_adapter(loaded: Any, adapter_path: Path, base_path: Path) -> Any:
     from peft import PeftModel
 
     try:
-        peft_model = PeftModel.from_pretrained(loaded, adapter_path)
+        return PeftModel.from_pretrained(loaded, adapter_path)
     except (RuntimeError, ValueError, KeyError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         first = next((line for line in lines if "size mismatch" in line), lines[0])  # torch: header, then why
@@ -207,21 +416,12 @@ def load_for_inference(
             f"the adapter in {adapter_path} does not fit the base {base_path}: {first[:300]}",
             "pass --base with the model the adapter was trained on",
         ) from None
-    has_tokenizer = any((adapter_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(ModelSpec(name=str(adapter_path if has_tokenizer else base_path)))
-    info = LoadedInfo(
-        str(base_path),
-        QuantSource(qspec.mode, qspec.double_quant, qspec.compute_dtype),
-        str(adapter_path),
-        (metadata or {}).get("recipe"),
-    )
-    return _for_generation(peft_model), tokenizer, info
 
 
 def _stored_dtype(model_dir: Path) -> str:
     """The checkpoint's float dtype name (what transformers 5 loads by default): fp16/bf16/fp32."""
     path = model_dir / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = read_json_object(path, "re-download or re-save the model") if path.is_file() else {}
     stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return {"float16": "fp16", "bfloat16": "bf16"}.get(stored, "fp32")
 

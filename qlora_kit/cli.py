@@ -85,6 +85,19 @@ def _train_parser(sub: Any) -> None:
     t.add_argument("--force", action="store_true", help="train even if the plan does not fit; overwrite a previous run")
     t.add_argument("--gpus", type=int, help="train on N GPUs of this machine (relaunches under torchrun; train.gpus)")
     t.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-offload"], help="how N GPUs share the model")
+    _trust_arg(t)
+
+
+def _trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own Python code (auto_map); only ever from this flag, never from a file",
+    )
+
+
+def _pickle_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--allow-pickle", action="store_true", help=f"read pickle .bin {what} (unsafe: can run code)")
 
 
 def _export_parser(sub: Any) -> None:
@@ -112,7 +125,8 @@ def _export_parser(sub: Any) -> None:
         help="compare logits with the adapter model (default: when both fit in available memory)",
     )
     e.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    e.add_argument("--allow-pickle", action="store_true", help="read pickle .bin base checkpoints (unsafe)")
+    _pickle_arg(e, "adapters and base checkpoints")
+    _trust_arg(e)
 
 
 def _generate_parser(sub: Any) -> None:
@@ -159,6 +173,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model path (default: from the adapter's metadata)")
     p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], help="for plain peft adapters: the base's")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None)
+    _pickle_arg(p, "adapters")
+    _trust_arg(p)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -322,6 +338,7 @@ def _train(args: argparse.Namespace) -> int:
 
     sets = [*args.set, *([f"train.gpus={args.gpus}"] if args.gpus is not None else [])]
     sets += [f"train.strategy={args.strategy}"] if args.strategy else []
+    sets += ["model.trust_remote_code=true"] if args.trust_remote_code else []  # the flag is the only source
     recipe = load_recipe(args.recipe, sets)
     if recipe.train.gpus > 1 and distributed.launched_world() == 1:  # one process per GPU, each back here
         argv = ["train", args.recipe, *[x for s in sets for x in ("--set", s)]]
@@ -357,8 +374,13 @@ def _export(args: argparse.Namespace) -> int:
             verify=args.verify,
             force=args.force,
             allow_pickle=args.allow_pickle,
+            trust_remote_code=args.trust_remote_code,
             reporter=reporter,
         )
+    except KeyboardInterrupt:  # export removes its hidden partial directory on the way out
+        reporter.close()
+        ui.print_error(f"export interrupted, nothing written to {args.out}")
+        return 130
     finally:
         reporter.close()
     ui.render_export(summary)
@@ -370,7 +392,13 @@ def _load(args: argparse.Namespace) -> tuple:
     from qlora_kit.adapter import load_for_inference
 
     return load_for_inference(
-        args.adapter, args.model, base=args.base, quant=args.quant, double_quant=args.double_quant
+        args.adapter,
+        args.model,
+        base=args.base,
+        quant=args.quant,
+        double_quant=args.double_quant,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
     )
 
 

@@ -267,7 +267,12 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     path = Path(prompt_file)
     if not path.is_file():
         raise UsageError(f"prompt file {prompt_file} does not exist", "check the path")
-    return path.read_text()
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"prompt file {prompt_file} is not UTF-8 text (byte {exc.start})", "save it as UTF-8"
+        ) from None
 
 
 class StreamPrinter:

@@ -78,7 +78,7 @@ def test_held_out_split_gives_the_eval_loss_training_reported(loaded, demo_adapt
     assert what.held_out and what.spec.path == "builtin:quotes" and what.spec.packing
     result = score(model, tokenizer, info, what)
     metadata = read_metadata(demo_adapter)
-    assert result["models"]["adapter"]["loss"] == pytest.approx(metadata["summary"]["eval_loss"], rel=1e-5)
+    assert result["models"]["adapter"]["loss"] == pytest.approx(metadata.summary["eval_loss"], rel=1e-5)
     assert result["models"]["base"]["loss"] > result["models"]["adapter"]["loss"]  # 8 steps of training helped
     spec = what.spec
     held = datalib.tokenize(spec, datalib.load_raw(spec), tokenizer, seed=info.recipe["train"]["seed"]).eval
@@ -90,7 +90,7 @@ def test_held_out_split_gives_the_eval_loss_training_reported(loaded, demo_adapt
     merged, merged_tok, merged_info = load_for_inference(model=str(tmp_path / "merged"))
     with pytest.raises(UsageError, match="pass --data"):
         eval_data(merged_info)
-    alone = score(merged, merged_tok, merged_info, eval_data(merged_info, recipe=metadata["recipe"]))
+    alone = score(merged, merged_tok, merged_info, eval_data(merged_info, recipe=metadata.recipe))
     assert set(alone["models"]) == {"model"} and alone["tokens"] == result["tokens"]
     assert alone["models"]["model"]["loss"] == pytest.approx(result["models"]["adapter"]["loss"], rel=1e-3)
 

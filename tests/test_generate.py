@@ -189,7 +189,7 @@ def test_missing_adapter_and_adapter_for_another_base(demo_adapter, tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         load_for_inference(adapter=str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match=r"has no adapter_config\.json"):
+    with pytest.raises(UsageError, match=r"adapter_config\.json is missing"):
         load_for_inference(adapter=str(tmp_path / "empty"))
     config = json.loads((demo_adapter / "random-init-base" / "config.json").read_text())
     other = build_tiny_model({**config, "intermediate_size": 512}, tmp_path / "other", dtype="float32")

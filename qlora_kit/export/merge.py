@@ -3,7 +3,6 @@
 - :func:`trained_rows`: the base weight as the adapter saw it in training, dequant(quant(W)), a slice
   of rows at a time (:mod:`qlora_kit.export.rounding` repeats bitsandbytes' arithmetic bit for bit);
 - :func:`lora_delta`: scale * B @ A in fp32, oriented like the checkpoint tensor;
-- :func:`read_adapter`: a peft LoRA adapter directory -> factors, scales and replacement tensors;
 - :func:`plan_export`: every output tensor, where it comes from and what happens to it, and the
   output shards, from the headers alone (shapes are checked before anything is written);
 - :func:`write_shards`: the output shards, tensor by tensor (file formats: :mod:`qlora_kit.export.shards`), so
@@ -14,28 +13,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qlora_kit.adapter import QuantSource
 from qlora_kit.errors import UsageError
 from qlora_kit.export import rounding
+from qlora_kit.export.layout import Adapter, Layout, LoraFactor
 from qlora_kit.export.shards import LOAD_DTYPES, Checkpoint, PlannedTensor, Shard, ShardWriter, shard_names
-
-QUANT_MODES = ("nf4", "fp4", "int8", "none")
-PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class QuantSource:
-    mode: str  # nf4, fp4, int8, none
-    double_quant: bool
-    compute_dtype: str  # the dtype the base was loaded in (load_base uses the compute dtype)
-
 
 # -- what training computed with ----------------------------------------------------------------------
 
@@ -86,38 +75,6 @@ def trained_weight(
 # -- LoRA ---------------------------------------------------------------------------------------------
 
 
-def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
-    """LoRA's scale: alpha / r, or alpha / sqrt(r) with rsLoRA (peft ``LoraLayer.update_layer``)."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def pattern_key(patterns: Iterator[str] | list[str], module: str) -> str | None:
-    """peft's ``get_pattern_key``: the first pattern that matches a suffix of ``module`` at a dot boundary."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
-
-
-@dataclass
-class LoraFactor:
-    """One adapted module: delta = scale * B @ A (linear) or (B @ A)^T (embedding)."""
-
-    module: str  # the module's name in the model (no peft prefix)
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: float
-    embedding: bool = False
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[0])
-
-    def delta_shape(self, transpose: bool) -> tuple[int, ...]:
-        d_out, d_in = int(self.b.shape[0]), int(self.a.shape[1])
-        return (d_in, d_out) if transpose != self.embedding else (d_out, d_in)
-
-
 def lora_delta(factor: LoraFactor, transpose: bool = False) -> torch.Tensor:
     """scale * B @ A in fp32, in the orientation of the base tensor.
 
@@ -134,117 +91,7 @@ def lora_delta_rows(factor: LoraFactor, first: int, last: int) -> torch.Tensor:
     return (factor.b[first:last].float() @ factor.a.float()).mul_(factor.scale)
 
 
-@dataclass
-class Adapter:
-    """A peft LoRA adapter, read: its config, factors and the tensors that replace base tensors."""
-
-    path: Path
-    config: dict[str, Any]
-    factors: dict[str, LoraFactor]  # base weight name (module + ".weight") -> factor
-    replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensor name -> tensor
-
-    @property
-    def base_name(self) -> str | None:
-        return self.config.get("base_model_name_or_path") or None
-
-
-_UNSUPPORTED = {
-    "use_dora": "DoRA adapters (use_dora) are not supported by qlora-kit export yet",
-    "lora_bias": "LoRA biases (lora_bias) are not supported by qlora-kit export yet",
-    "target_parameters": "LoRA on parameters (target_parameters) is not supported by qlora-kit export yet",
-    "trainable_token_indices": "trainable tokens are not supported by qlora-kit export yet",
-    "layer_replication": "layer replication changes the architecture; qlora-kit export cannot merge it",
-}
-
-
-def read_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
-    """Read a peft LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    config_path = path / "adapter_config.json"
-    if not config_path.is_file():
-        raise UsageError(
-            f"{path} is not a LoRA adapter: adapter_config.json is missing",
-            "point --adapter at the directory `qlora-kit train` (or peft's save_pretrained) wrote",
-        )
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UsageError(f"{path} holds a {config.get('peft_type')} adapter", "qlora-kit export merges LoRA adapters")
-    for key, why in _UNSUPPORTED.items():
-        if config.get(key):
-            raise UsageError(f"{path}: {why}", "merge it with peft's merge_and_unload instead")
-    tensors = _adapter_tensors(path, allow_pickle)
-    return Adapter(path, config, *_parse_adapter(tensors, config))
-
-
-def _adapter_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    st, pickled = path / "adapter_model.safetensors", path / "adapter_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(st)
-    if pickled.is_file():
-        if not allow_pickle:
-            raise UsageError(
-                f"{pickled} is a pickle file, which can run code when loaded",
-                "convert it to safetensors, or pass --allow-pickle if you trust its source",
-            )
-        return dict(torch.load(pickled, map_location="cpu", weights_only=True))
-    raise UsageError(
-        f"{path} has adapter_config.json but no adapter_model.safetensors",
-        "the adapter is incomplete: re-save it, or point --adapter at a finished run",
-    )
-
-
-def _parse_adapter(
-    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]
-) -> tuple[dict[str, LoraFactor], dict[str, torch.Tensor]]:
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    replacements: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        m = re.match(r"(.+)\.(lora_A|lora_B)\.weight$", name) or re.match(
-            r"(.+)\.(lora_embedding_A|lora_embedding_B)$", name
-        )
-        if m:
-            halves.setdefault(m.group(1), {})[m.group(2)] = tensor
-        elif ".lora_" in name:
-            raise UsageError(f"adapter tensor {key!r} is not a plain LoRA factor", "qlora-kit export merges plain LoRA")
-        else:  # modules_to_save, trained biases, saved embedding layers: they replace the base tensor
-            replacements[name.replace(".base_layer.", ".")] = tensor
-    alpha_patterns = list(config.get("alpha_pattern") or {})
-    factors: dict[str, LoraFactor] = {}
-    for module, pair in halves.items():
-        embedding = "lora_embedding_A" in pair or "lora_embedding_B" in pair
-        a = pair.get("lora_embedding_A" if embedding else "lora_A")
-        b = pair.get("lora_embedding_B" if embedding else "lora_B")
-        if a is None or b is None:
-            raise UsageError(f"adapter module {module!r} has only one of its two LoRA factors", "re-save the adapter")
-        key = pattern_key(alpha_patterns, module)
-        alpha = config["alpha_pattern"][key] if key is not None else config.get("lora_alpha", 8)
-        scale = lora_scale(alpha, int(a.shape[0]), bool(config.get("use_rslora")))
-        factors[module + ".weight"] = LoraFactor(module, a, b, scale, embedding)
-    return factors, replacements
-
-
 # -- the plan: every output tensor, where it comes from, what happens to it -------------------------
-
-
-@dataclass
-class Layout:
-    """The base model's skeleton, as transformers builds it on the meta device."""
-
-    names: set[str]  # parameter and buffer names, tied ones included
-    prefix: str  # base_model_prefix ("model", "transformer")
-    quantized: set[str]  # weights bitsandbytes quantizes when the base loads as in training
-    conv1d: set[str]  # weights stored (in, out): GPT-2's Conv1D
-    ties: list[list[str]]  # parameters that share storage
-    config: Any = None
-
-    def model_name(self, key: str) -> str | None:
-        """The model's name for a checkpoint key (older checkpoints may lack or add the base prefix)."""
-        for candidate in (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")):
-            if candidate in self.names:
-                return candidate
-        return None
 
 
 @dataclass
@@ -282,65 +129,100 @@ def plan_export(
     shard_bytes: int,
 ) -> Plan:
     """Match every adapter tensor to a checkpoint tensor, check shapes, and lay out the output shards."""
-    located: dict[str, tuple[int, str]] = {}  # model name -> (shard, checkpoint key)
+    located = _locate(checkpoint, layout, adapter)
+    changed = set(adapter.factors) | set(adapter.replacements)
+    untie = [g for g in layout.ties if changed & set(g)]
+    notes = [_untie_note(changed, group) for group in untie]
+    ops: list[Op] = []
+    for i, header in enumerate(checkpoint.headers):
+        for key in header:
+            name = layout.model_name(key)
+            ops.append(_op(checkpoint, layout, adapter, merge_into, out_dtype, name or key, i, key, key))
+            for group in untie:
+                if name in group:
+                    for member in group:
+                        if member not in located:  # the tied copy the checkpoint leaves out
+                            ops.append(_op(checkpoint, layout, adapter, merge_into, out_dtype, member, i, key, member))
+    if merge_into == "dequantized" and qsource.mode != "none" and not layout.quantized:
+        notes.append(
+            f"transformers quantizes none of this model's weights with {qsource.mode} (its linears are not "
+            "nn.Linear): the adapter was trained on the 16-bit weights, which the export merges into"
+        )
+    return Plan(
+        _pack(ops, shard_bytes),
+        sum(op.out.nbytes for op in ops),
+        sum(1 for op in ops if op.factor is not None),
+        max((op.out.nbytes for op in ops), default=0),
+        [m for g in untie for m in g],
+        notes,
+        qsource,
+        merge_into,
+    )
+
+
+def _locate(checkpoint: Checkpoint, layout: Layout, adapter: Adapter) -> dict[str, tuple[int, str]]:
+    """model name -> (shard, checkpoint key); every tensor the adapter changes must be there (or tied)."""
+    located: dict[str, tuple[int, str]] = {}
     for i, header in enumerate(checkpoint.headers):
         for key in header:
             name = layout.model_name(key)
             if name is not None:
                 located[name] = (i, key)
     tie_of = {n: group for group in layout.ties for n in group}
-    changed = set(adapter.factors) | set(adapter.replacements)
-    for name in changed:
+    for name in set(adapter.factors) | set(adapter.replacements):
         if name not in located and not any(m in located for m in tie_of.get(name, [])):
             raise UsageError(
                 f"the adapter changes {name}, which the base checkpoint does not have",
                 "the adapter was trained on a different base: pass the right --base",
             )
-    notes: list[str] = []
-    untie = [g for g in layout.ties if changed & set(g)]
-    for group in untie:
-        hit = sorted(changed & set(group))
-        notes.append(
-            f"the adapter changes {', '.join(hit)}, which is tied to {', '.join(sorted(set(group) - set(hit)))}: "
-            "the export unties them (each written separately, tie_word_embeddings=false) so the merged model "
-            "computes what the adapter model did"
-        )
-    ops: list[Op] = []
+    return located
 
-    def add(name: str, shard: int, key: str, out_name: str) -> None:
-        src_dtype, shape = checkpoint.headers[shard][key]
-        factor, replacement = adapter.factors.get(name), adapter.replacements.get(name)
-        conv1d = name in layout.conv1d
-        quantized = merge_into == "dequantized" and name in layout.quantized
-        if replacement is not None:
-            if quantized:
-                raise UsageError(f"the adapter replaces the quantized weight {name}", "qlora-kit cannot merge that")
-            if tuple(replacement.shape) != shape:
-                raise UsageError(
-                    f"the adapter's {name} has shape {tuple(replacement.shape)}, the base's {shape}",
-                    "the adapter was trained on a different base (or resized its vocabulary): pass the right --base",
-                )
-        if factor is not None and factor.delta_shape(conv1d) != shape:
+
+def _untie_note(changed: set[str], group: list[str]) -> str:
+    hit = sorted(changed & set(group))
+    return (
+        f"the adapter changes {', '.join(hit)}, which is tied to {', '.join(sorted(set(group) - set(hit)))}: "
+        "the export unties them (each written separately, tie_word_embeddings=false) so the merged model "
+        "computes what the adapter model did"
+    )
+
+
+def _op(
+    checkpoint: Checkpoint,
+    layout: Layout,
+    adapter: Adapter,
+    merge_into: str,
+    out_dtype: torch.dtype,
+    name: str,
+    shard: int,
+    key: str,
+    out_name: str,
+) -> Op:
+    """One output tensor, its shapes checked against the adapter's factor or replacement."""
+    src_dtype, shape = checkpoint.headers[shard][key]
+    factor, replacement = adapter.factors.get(name), adapter.replacements.get(name)
+    conv1d = name in layout.conv1d
+    quantized = merge_into == "dequantized" and name in layout.quantized
+    if replacement is not None:
+        if quantized:
+            raise UsageError(f"the adapter replaces the quantized weight {name}", "qlora-kit cannot merge that")
+        if tuple(replacement.shape) != shape:
             raise UsageError(
-                f"the LoRA factors for {factor.module} (A {tuple(factor.a.shape)}, B {tuple(factor.b.shape)}) "
-                f"do not fit the base weight {key} of shape {shape}",
-                "the adapter was trained on a different base: pass the right --base",
+                f"the adapter's {name} has shape {tuple(replacement.shape)}, the base's {shape}",
+                "the adapter was trained on a different base (or resized its vocabulary): pass the right --base",
             )
-        out_dtype_here = out_dtype if src_dtype.is_floating_point else src_dtype
-        ops.append(
-            Op(PlannedTensor(out_name, out_dtype_here, shape), shard, key, quantized, conv1d, factor, replacement)
+    if factor is not None and factor.delta_shape(conv1d) != shape:
+        raise UsageError(
+            f"the LoRA factors for {factor.module} (A {tuple(factor.a.shape)}, B {tuple(factor.b.shape)}) "
+            f"do not fit the base weight {key} of shape {shape}",
+            "the adapter was trained on a different base: pass the right --base",
         )
+    out_dtype_here = out_dtype if src_dtype.is_floating_point else src_dtype
+    return Op(PlannedTensor(out_name, out_dtype_here, shape), shard, key, quantized, conv1d, factor, replacement)
 
-    for i, header in enumerate(checkpoint.headers):
-        for key in header:
-            name = layout.model_name(key)
-            add(name or key, i, key, key)
-            for group in untie:
-                if name in group:
-                    for member in group:
-                        if member not in located:  # the tied copy the checkpoint leaves out
-                            add(member, i, key, member)
-    merged = sum(1 for op in ops if op.factor is not None)
+
+def _pack(ops: list[Op], shard_bytes: int) -> list[list[Op]]:
+    """Output shards in order, each up to ``shard_bytes`` (a larger tensor gets a shard of its own)."""
     shards: list[list[Op]] = [[]]
     size = 0
     for op in ops:
@@ -349,22 +231,7 @@ def plan_export(
             size = 0
         shards[-1].append(op)
         size += op.out.nbytes
-    total = sum(op.out.nbytes for op in ops)
-    if merge_into == "dequantized" and qsource.mode != "none" and not layout.quantized:
-        notes.append(
-            f"transformers quantizes none of this model's weights with {qsource.mode} (its linears are not "
-            "nn.Linear): the adapter was trained on the 16-bit weights, which the export merges into"
-        )
-    return Plan(
-        shards,
-        total,
-        merged,
-        max((op.out.nbytes for op in ops), default=0),
-        [m for g in untie for m in g],
-        notes,
-        qsource,
-        merge_into,
-    )
+    return shards
 
 
 # -- writing --------------------------------------------------------------------------------------------

@@ -21,14 +21,23 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from qlora_kit.adapter import check_fingerprint, quant_source, read_metadata, resolve_base
+from qlora_kit.adapter import (
+    QuantSource,
+    check_fingerprint,
+    check_trust,
+    quant_source,
+    read_metadata,
+    resolve_base,
+)
 from qlora_kit.errors import UsageError
-from qlora_kit.export.merge import Layout, Plan, QuantSource, plan_export, read_adapter, write_shards
-from qlora_kit.export.shards import open_checkpoint, parse_size
+from qlora_kit.export.layout import Adapter, Layout, read_adapter
+from qlora_kit.export.merge import Plan, plan_export, write_shards
+from qlora_kit.export.report import ExportReporter, SilentReporter
+from qlora_kit.export.shards import Checkpoint, open_checkpoint, parse_size
 from qlora_kit.export.verify import size_text, verification_skipped, verify_export
 
 MERGE_MODES = ("dequantized", "original")
@@ -48,25 +57,6 @@ TOKENIZER_FILES = (
 )
 
 
-class ExportReporter(Protocol):
-    """Where export says what it does: one line at a time, and progress through each phase."""
-
-    def message(self, text: str) -> None: ...
-    def start(self, phase: str, total: int) -> None: ...  # "merge" (bytes) or "verify" (models)
-    def advance(self, amount: int) -> None: ...
-
-
-class SilentReporter:
-    def message(self, text: str) -> None:
-        pass
-
-    def start(self, phase: str, total: int) -> None:
-        pass
-
-    def advance(self, amount: int) -> None:
-        pass
-
-
 def export(
     adapter_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -81,6 +71,7 @@ def export(
     verify: bool | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    trust_remote_code: bool = False,
     reporter: ExportReporter | None = None,
 ) -> dict[str, Any]:
     """Merge the LoRA adapter in ``adapter_dir`` into its base and write a checkpoint to ``out_dir``.
@@ -107,29 +98,54 @@ def export(
     adapter = read_adapter(adapter_path, allow_pickle)
     metadata = read_metadata(adapter_path)
     qsource = quant_source(metadata, quant, double_quant, compute_dtype, merge_into)
-    base_path = resolve_base(base, metadata, adapter, adapter_path)
+    base_path = resolve_base(base, metadata, adapter.base_name, adapter_path)
     check_fingerprint(metadata, base_path)
-    _check_out(out, force, [adapter_path, base_path])
+    check_trust(metadata, base_path, trust_remote_code)
+    _check_out(out, force, adapter_path, base_path)
     checkpoint = open_checkpoint(base_path, allow_pickle)
     if qsource is None:  # original mode, plain peft adapter
         qsource = QuantSource("none", False, "")
     if not qsource.compute_dtype:  # transformers 5 loads in the checkpoint's dtype unless told otherwise
         qsource = QuantSource(qsource.mode, qsource.double_quant, checkpoint.float_dtype_name())
-    layout = model_layout(base_path, qsource if merge_into == "dequantized" else None, metadata)
+    layout = model_layout(base_path, qsource if merge_into == "dequantized" else None, trust_remote_code)
     plan = plan_export(checkpoint, layout, adapter, qsource, merge_into, OUT_DTYPES[dtype], shard_bytes)
     for note in plan.notes:
         reporter.message(note)
-    extra_files = _extra_files(adapter_path, base_path)
+    job = _Job(adapter, base_path, out, qsource, merge_into, dtype, layout, plan, trust_remote_code)
+    summary = _write(job, checkpoint, verify, reporter)
+    summary["elapsed_s"] = round(time.perf_counter() - started, 2)
+    summary["files"] = sorted(p.name for p in out.iterdir())
+    return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """An export whose inputs are all checked: what :func:`_write` writes and verifies."""
+
+    adapter: Adapter
+    base_path: Path
+    out: Path
+    qsource: QuantSource
+    merge_into: str
+    dtype: str
+    layout: Layout
+    plan: Plan
+    trust_remote_code: bool
+
+
+def _write(job: _Job, checkpoint: Checkpoint, verify: bool | None, reporter: ExportReporter) -> dict[str, Any]:
+    """Write the export to a hidden directory next to ``out``, verify it, rename it into place."""
+    adapter_path, plan, out = job.adapter.path, job.plan, job.out
+    extra_files = _extra_files(adapter_path, job.base_path)
     needed = plan.total_bytes + sum(p.stat().st_size for p in extra_files.values()) + 2**20
     _check_disk(out, needed)
-
     tmp = out.with_name(f".{out.name}.qlora-kit-partial")
     shutil.rmtree(tmp, ignore_errors=True)  # a previous export that was killed
     try:
         tmp.mkdir(parents=True)
         reporter.start("merge", plan.total_bytes)
         write_shards(tmp, plan, checkpoint, reporter.advance)
-        _write_config(tmp, base_path, plan, dtype)
+        _write_config(tmp, job.base_path, plan, job.dtype)
         for name, src in extra_files.items():
             shutil.copy2(src, tmp / name)
         merge_rss = _peak_rss_bytes()
@@ -137,25 +153,18 @@ def export(
         if skipped:
             reporter.message(f"verification skipped: {skipped}")
         else:
-            verification = verify_export(tmp, base_path, adapter_path, qsource, merge_into, dtype, layout, reporter)
-        summary = {
-            "out_dir": str(out),
-            "adapter": str(adapter_path),
-            "base": str(base_path),
-            "merge_into": merge_into,
-            "dtype": dtype,
-            "quant": None if qsource.mode == "none" else dataclasses.asdict(qsource),
-            "shards": len(plan.shards),
-            "total_bytes": plan.total_bytes,
-            "tensors": sum(len(s) for s in plan.shards),
-            "merged_tensors": plan.merged,
-            "largest_tensor_bytes": plan.largest_bytes,
-            "verification": verification,
-            "verification_skipped": skipped,
-            "notes": plan.notes,
-            "peak_rss_bytes_merge": merge_rss,
-            "peak_rss_bytes": _peak_rss_bytes(),
-        }
+            verification = verify_export(
+                tmp,
+                job.base_path,
+                adapter_path,
+                job.qsource,
+                job.merge_into,
+                job.dtype,
+                job.layout,
+                reporter,
+                job.trust_remote_code,
+            )
+        summary = _summary(job, verification, skipped, merge_rss)
         (tmp / "README.md").write_text(model_card(summary))
         _move_into_place(tmp, out)
     except BaseException as exc:
@@ -166,19 +175,47 @@ def export(
                 "free some space or choose another --out",
             ) from None
         raise
-    summary["elapsed_s"] = round(time.perf_counter() - started, 2)
-    summary["files"] = sorted(p.name for p in out.iterdir())
     return summary
+
+
+def _summary(job: _Job, verification: dict[str, Any] | None, skipped: str | None, merge_rss: int) -> dict[str, Any]:
+    plan = job.plan
+    return {
+        "out_dir": str(job.out),
+        "adapter": str(job.adapter.path),
+        "base": str(job.base_path),
+        "merge_into": job.merge_into,
+        "dtype": job.dtype,
+        "quant": None if job.qsource.mode == "none" else dataclasses.asdict(job.qsource),
+        "shards": len(plan.shards),
+        "total_bytes": plan.total_bytes,
+        "tensors": sum(len(s) for s in plan.shards),
+        "merged_tensors": plan.merged,
+        "largest_tensor_bytes": plan.largest_bytes,
+        "verification": verification,
+        "verification_skipped": skipped,
+        "notes": plan.notes,
+        "peak_rss_bytes_merge": merge_rss,
+        "peak_rss_bytes": _peak_rss_bytes(),
+    }
 
 
 # -- inputs -------------------------------------------------------------------------------------------
 
 
-def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
+def _check_out(out: Path, force: bool, adapter_path: Path, base_path: Path) -> None:
+    """``out`` may not be the adapter or the base, lie inside the adapter, or hold either: refused even
+    with ``force`` (replacing it would destroy them)."""
     resolved = out.resolve()
-    for p in protected:
-        if resolved == p.resolve() or p.resolve().is_relative_to(resolved):
-            raise UsageError(f"--out {out} would overwrite {p}", "choose a new output directory")
+    adapter, base = adapter_path.resolve(), base_path.resolve()
+    if resolved.is_relative_to(adapter):
+        raise UsageError(
+            f"--out {out} would overwrite files inside the adapter directory {adapter_path}",
+            "choose a directory outside it",
+        )
+    for p, what in ((adapter, "adapter"), (base, "base model")):
+        if p.is_relative_to(resolved):
+            raise UsageError(f"--out {out} would overwrite the {what} at {p}, which it holds", "choose another --out")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory", "choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -214,14 +251,14 @@ def _extra_files(adapter_path: Path, base_path: Path) -> dict[str, Path]:
 # -- what transformers makes of the checkpoint -------------------------------------------------------
 
 
-def model_layout(base_path: Path, qsource: QuantSource | None, metadata: dict[str, Any] | None) -> Layout:
+def model_layout(base_path: Path, qsource: QuantSource | None, trust_remote_code: bool = False) -> Layout:
     """Build the model on the meta device: its parameter names, ties, GPT-2 ``Conv1D`` weights, and the
     weights transformers' bitsandbytes integration quantizes (every nn.Linear/Conv1D but the head and
     other skipped modules; not Falcon's FalconLinear, not transformers 5's 3-D MoE experts)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    trust = bool(((metadata or {}).get("recipe") or {}).get("model", {}).get("trust_remote_code", False))
+    trust = trust_remote_code  # the user's flag only, never a file's say-so (adapter.check_trust)
     try:
         config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust)
         with torch.device("meta"):

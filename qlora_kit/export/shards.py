@@ -40,15 +40,21 @@ ST_DTYPE_TO_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 
 def parse_size(size: int | str) -> int:
     """``"5GB"`` -> 5 * 10**9, ``"500MiB"`` -> 500 * 2**20 (transformers' ``max_shard_size`` units)."""
+    fix = "write it like 5GB, 500MB or 2GiB (more than zero)"
     if isinstance(size, int):
+        if size <= 0:
+            raise UsageError(f"--max-shard-size must be more than zero, got {size}", fix)
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
     if not m:
-        raise UsageError(f"cannot read the size {size!r}", "write it like 5GB, 500MB or 2GiB")
+        raise UsageError(f"cannot read the size {size[:40]!r}", fix)
     unit = (m.group(2) or "B").upper()
     powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     powers |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    return int(float(m.group(1)) * powers[unit])
+    value = int(float(m.group(1)) * powers[unit])
+    if value <= 0:
+        raise UsageError(f"--max-shard-size must be more than zero, got {size!r}", fix)
+    return value
 
 
 def st_dtype(dtype: torch.dtype) -> str:

@@ -14,16 +14,16 @@ import ctypes.util
 import gc
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from qlora_kit.adapter import QuantSource
 from qlora_kit.errors import QloraKitError
-from qlora_kit.export.merge import Layout, Plan, QuantSource
+from qlora_kit.export.layout import Layout
+from qlora_kit.export.merge import Plan
+from qlora_kit.export.report import ExportReporter
 from qlora_kit.export.shards import LOAD_DTYPES
-
-if TYPE_CHECKING:
-    from qlora_kit.export.run import ExportReporter
 
 # Verification passes when max|logits_export - logits_adapter| <= TOLERANCE_ULPS * u * max(1, max|logits_adapter|),
 # u the unit roundoff of the output dtype (fp16 2^-11, bf16 2^-8; fp32 is held to 2^-20, the noise of
@@ -86,6 +86,7 @@ def verify_export(
     dtype: str,
     layout: Layout,
     reporter: ExportReporter,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Logits of the export (plain transformers, fp32) against the adapter model's on a fixed batch.
 
@@ -100,14 +101,16 @@ def verify_export(
     reporter.start("verify", 2)
     ids = _verify_batch(layout.config)
     with torch.no_grad():
-        reference = _reference_model(base_path, adapter_path, qsource, merge_into)
+        reference = _reference_model(base_path, adapter_path, qsource, merge_into, trust_remote_code)
         expected = reference(input_ids=ids).logits.float()
         del reference
         release_memory()
         reporter.advance(1)
         from transformers import AutoModelForCausalLM
 
-        exported = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+        exported = AutoModelForCausalLM.from_pretrained(
+            export_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
         got = exported(input_ids=ids).logits.float()
         del exported
         release_memory()
@@ -178,13 +181,16 @@ def _dequantized_linear(module: Any) -> torch.nn.Linear:
     return linear
 
 
-def _reference_model(base_path: Path, adapter_path: Path, qsource: QuantSource, merge_into: str) -> Any:
+def _reference_model(
+    base_path: Path, adapter_path: Path, qsource: QuantSource, merge_into: str, trust_remote_code: bool
+) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     if merge_into == "original" or qsource.mode == "none":
         load = LOAD_DTYPES[qsource.compute_dtype] if merge_into == "dequantized" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=load).float()
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=load, trust_remote_code=trust_remote_code)
+        model = model.float()
     else:
         import bitsandbytes as bnb
         from peft import prepare_model_for_kbit_training
@@ -193,7 +199,8 @@ def _reference_model(base_path: Path, adapter_path: Path, qsource: QuantSource, 
         from qlora_kit.recipe import ModelSpec, QuantSpec
 
         spec = QuantSpec(qsource.mode, qsource.double_quant, qsource.compute_dtype)
-        model = load_base(ModelSpec(name=str(base_path)), spec, device_map={"": "cpu"})
+        base = ModelSpec(name=str(base_path), trust_remote_code=trust_remote_code)
+        model = load_base(base, spec, device_map={"": "cpu"})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         for name, module in list(model.named_modules()):
             if isinstance(module, bnb.nn.Linear4bit):

@@ -13,6 +13,7 @@ and the demo model's tokenizer has one but was trained on plain text. ``chat`` o
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,9 +46,9 @@ class Completion:
 def check_spec(spec: GenerateSpec) -> None:
     if spec.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {spec.max_new_tokens}", "e.g. 64")
-    if spec.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {spec.temperature}", "0 is greedy decoding")
-    if not 0 < spec.top_p <= 1:
+    if not math.isfinite(spec.temperature) or spec.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 and finite, got {spec.temperature}", "0 is greedy decoding")
+    if not (math.isfinite(spec.top_p) and 0 < spec.top_p <= 1):
         raise UsageError(f"--top-p must be in (0, 1], got {spec.top_p}", "1.0 keeps every token")
 
 
