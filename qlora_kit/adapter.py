@@ -146,9 +146,10 @@ def adapter_weights(path: Path, allow_pickle: bool) -> dict[str, Any]:
         try:
             return dict(torch.load(pickled, map_location="cpu", weights_only=True))
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            refused = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the callable it would not call
+            why = f"it would call {refused.group(1)}" if refused else type(exc).__name__
             raise UsageError(
-                f"{pickled} is not a plain tensor file; refused to load it ({first[:160]})",
+                f"{pickled} is not a plain tensor file; refused to load it ({why})",
                 "convert it to safetensors from a trusted source",
             ) from None
     raise UsageError(

@@ -144,7 +144,7 @@ def test_a_hostile_pickle_gets_one_line_and_never_runs(adapter, tmp_path, capsys
         code = cli("export", "--adapter", adapter, "--out", tmp_path / "out", *args)
     else:
         code = infer(verb, adapter, *args)
-    one_line(capsys, code, "adapter_model.bin", "refused to load it")
+    one_line(capsys, code, "adapter_model.bin", "refused to load it (it would call io.open)")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
