@@ -118,6 +118,8 @@ def _export_parser(sub: Any) -> None:
     e.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized")
     e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     e.add_argument("--max-shard-size", default="5GB")
+    e.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: safetensors; gguf: one llama.cpp file")
+    e.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16", help="tensor type of --format gguf")
     e.add_argument(
         "--verify",
         action=argparse.BooleanOptionalAction,
@@ -361,22 +363,16 @@ def _export(args: argparse.Namespace) -> int:
     from qlora_kit.export.run import export
 
     reporter = ui.ExportReporter()
+    common = {"base": args.base, "quant": args.quant, "double_quant": args.double_quant, "merge_into": args.merge_into}
+    common.update(verify=args.verify, force=args.force, allow_pickle=args.allow_pickle, reporter=reporter)
+    common.update(trust_remote_code=args.trust_remote_code)
     try:
-        summary = export(
-            args.adapter,
-            args.out,
-            base=args.base,
-            quant=args.quant,
-            double_quant=args.double_quant,
-            merge_into=args.merge_into,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            verify=args.verify,
-            force=args.force,
-            allow_pickle=args.allow_pickle,
-            trust_remote_code=args.trust_remote_code,
-            reporter=reporter,
-        )
+        if args.format == "gguf":
+            from qlora_kit.export.gguf import export_gguf
+
+            summary = export_gguf(args.adapter, args.out, gguf_type=args.gguf_type, **common)
+        else:
+            summary = export(args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, **common)
     except KeyboardInterrupt:  # export removes its hidden partial directory on the way out
         reporter.close()
         ui.print_error(f"export interrupted, nothing written to {args.out}")

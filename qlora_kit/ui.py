@@ -40,7 +40,9 @@ def gib(n: float) -> str:
 
 
 def print_error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    from rich.markup import escape  # an error names paths and extras like qlora-kit[gguf]: not markup
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def render_plan(p: Plan) -> None:
@@ -239,10 +241,12 @@ class ExportReporter:
 
 
 def render_export(summary: dict[str, object]) -> None:
+    gguf = summary.get("gguf_file")
+    into = "one GGUF file" if gguf else f"{summary['shards']} shard(s)"
     console.print(
-        f"merged {summary['merged_tensors']} tensors ({summary['merge_into']}) into {summary['shards']} "
-        f"shard(s), {float(summary['total_bytes']) / GIB:.2f} GiB of {summary['dtype']}: "  # type: ignore[arg-type]
-        f"{summary['out_dir']}"
+        f"merged {summary['merged_tensors']} tensors ({summary['merge_into']}) into {into}, "
+        f"{float(summary['total_bytes']) / GIB:.2f} GiB of {summary['dtype']}: "  # type: ignore[arg-type]
+        f"{summary['out_dir']}{f'/{gguf}' if gguf else ''}"
     )
     check = summary.get("verification")
     if isinstance(check, dict):

@@ -14,12 +14,14 @@ then renamed into place: an interrupted or failed export leaves nothing at ``out
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +89,70 @@ def export(
     """
     started = time.perf_counter()
     reporter = reporter or SilentReporter()
-    if merge_into not in MERGE_MODES:
-        raise UsageError(f"merge_into must be one of {', '.join(MERGE_MODES)}, got {merge_into!r}", "")
     if dtype not in OUT_DTYPES:
         raise UsageError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}", "")
     shard_bytes = parse_size(max_shard_size)
+    inputs = read_inputs(
+        adapter_dir,
+        out_dir,
+        base,
+        quant,
+        double_quant,
+        compute_dtype,
+        merge_into,
+        force,
+        allow_pickle,
+        trust_remote_code,
+    )
+    plan = plan_export(
+        inputs.checkpoint, inputs.layout, inputs.adapter, inputs.qsource, merge_into, OUT_DTYPES[dtype], shard_bytes
+    )
+    for note in plan.notes:
+        reporter.message(note)
+    job = _Job(
+        inputs.adapter,
+        inputs.base_path,
+        inputs.out,
+        inputs.qsource,
+        merge_into,
+        dtype,
+        inputs.layout,
+        plan,
+        trust_remote_code,
+    )
+    summary = _write(job, inputs.checkpoint, verify, reporter)
+    summary["elapsed_s"] = round(time.perf_counter() - started, 2)
+    summary["files"] = sorted(p.name for p in inputs.out.iterdir())
+    return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """An export's checked inputs, shared by the HF and the GGUF writer."""
+
+    adapter: Adapter
+    base_path: Path
+    out: Path
+    qsource: QuantSource
+    checkpoint: Checkpoint
+    layout: Layout
+
+
+def read_inputs(
+    adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    base: str | None,
+    quant: str | None,
+    double_quant: bool | None,
+    compute_dtype: str | None,
+    merge_into: str,
+    force: bool,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+) -> Inputs:
+    """Check everything an export reads before it writes anything (:class:`UsageError` on bad input)."""
+    if merge_into not in MERGE_MODES:
+        raise UsageError(f"merge_into must be one of {', '.join(MERGE_MODES)}, got {merge_into!r}", "")
     adapter_path, out = Path(adapter_dir), Path(out_dir)
     if not adapter_path.is_dir():
         raise UsageError(f"adapter directory {adapter_path} does not exist", "pass the output_dir of a training run")
@@ -108,14 +169,7 @@ def export(
     if not qsource.compute_dtype:  # transformers 5 loads in the checkpoint's dtype unless told otherwise
         qsource = QuantSource(qsource.mode, qsource.double_quant, checkpoint.float_dtype_name())
     layout = model_layout(base_path, qsource if merge_into == "dequantized" else None, trust_remote_code)
-    plan = plan_export(checkpoint, layout, adapter, qsource, merge_into, OUT_DTYPES[dtype], shard_bytes)
-    for note in plan.notes:
-        reporter.message(note)
-    job = _Job(adapter, base_path, out, qsource, merge_into, dtype, layout, plan, trust_remote_code)
-    summary = _write(job, checkpoint, verify, reporter)
-    summary["elapsed_s"] = round(time.perf_counter() - started, 2)
-    summary["files"] = sorted(p.name for p in out.iterdir())
-    return summary
+    return Inputs(adapter, base_path, out, qsource, checkpoint, layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +193,7 @@ def _write(job: _Job, checkpoint: Checkpoint, verify: bool | None, reporter: Exp
     extra_files = _extra_files(adapter_path, job.base_path)
     needed = plan.total_bytes + sum(p.stat().st_size for p in extra_files.values()) + 2**20
     _check_disk(out, needed)
-    tmp = out.with_name(f".{out.name}.qlora-kit-partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # a previous export that was killed
-    try:
-        tmp.mkdir(parents=True)
+    with staged(out) as tmp:
         reporter.start("merge", plan.total_bytes)
         write_shards(tmp, plan, checkpoint, reporter.advance)
         _write_config(tmp, job.base_path, plan, job.dtype)
@@ -166,15 +217,6 @@ def _write(job: _Job, checkpoint: Checkpoint, verify: bool | None, reporter: Exp
             )
         summary = _summary(job, verification, skipped, merge_rss)
         (tmp / "README.md").write_text(model_card(summary))
-        _move_into_place(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise UsageError(
-                f"the disk filled up while writing next to {out}; nothing was written",
-                "free some space or choose another --out",
-            ) from None
-        raise
     return summary
 
 
@@ -310,6 +352,26 @@ def _write_config(tmp: Path, base_path: Path, plan: Plan, dtype: str) -> None:
             if isinstance(sub, dict) and "tie_word_embeddings" in sub:
                 sub["tie_word_embeddings"] = False
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A hidden directory next to ``out`` to write into; renamed to ``out`` when the block completes,
+    removed when it raises (a full disk becomes one line)."""
+    tmp = out.with_name(f".{out.name}.qlora-kit-partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # a previous export that was killed
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        _move_into_place(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise UsageError(
+                f"the disk filled up while writing next to {out}; nothing was written",
+                "free some space or choose another --out",
+            ) from None
+        raise
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

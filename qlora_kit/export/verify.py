@@ -33,7 +33,9 @@ from qlora_kit.export.shards import LOAD_DTYPES
 # moves them by ~30 u (int8) to ~370 u (NF4). In bf16 the int8 rounding is as small as bf16's own, so
 # a bf16 export cannot tell an int8 base from the 16-bit one.
 TOLERANCE_ULPS = 16
-UNIT_ROUNDOFF = {"fp16": 2.0**-11, "bf16": 2.0**-8, "fp32": 2.0**-20}
+# A GGUF q8_0 weight is off by at most half a step of its 32-value block, amax/254 (2^-8 of the block's
+# largest value): its "unit" is 2^-8 like bf16's, but relative to the block, not to each value.
+UNIT_ROUNDOFF = {"fp16": 2.0**-11, "bf16": 2.0**-8, "fp32": 2.0**-20, "q8_0": 2.0**-8}
 VERIFY_BATCH = (2, 32)
 VERIFY_MEMORY_SHARE = 0.8  # of the memory available, for the fp32 models verification loads
 
@@ -87,6 +89,7 @@ def verify_export(
     layout: Layout,
     reporter: ExportReporter,
     trust_remote_code: bool = False,
+    gguf_file: str | None = None,
 ) -> dict[str, Any]:
     """Logits of the export (plain transformers, fp32) against the adapter model's on a fixed batch.
 
@@ -108,8 +111,9 @@ def verify_export(
         reporter.advance(1)
         from transformers import AutoModelForCausalLM
 
+        load = {"gguf_file": gguf_file} if gguf_file else {}  # transformers dequantizes a GGUF to fp32
         exported = AutoModelForCausalLM.from_pretrained(
-            export_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+            export_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, **load
         )
         got = exported(input_ids=ids).logits.float()
         del exported
