@@ -11,7 +11,9 @@ The model is a llama-style fp16 checkpoint built from a config (hidden 1024, 12 
 - qlora-kit original: ``export(merge_into="original", verify=False)``, the same math as peft's merge;
 - qlora-kit dequantized: ``export(verify=False)`` with the adapter recorded as trained on an NF4
   double-quant base (every linear weight through bitsandbytes' rounding, :mod:`qlora_kit.export.rounding`);
-- qlora-kit dequantized + verify (once): the default, which also loads the adapter model and the export.
+- qlora-kit dequantized + verify (once): the default, which also loads the adapter model and the export;
+- qlora-kit gguf f16 / q8_0: ``export_gguf(verify=False)``, the same dequantized merge written as one
+  GGUF file (the base carries the demo's 512-token BPE tokenizer, padded to the 32000 rows).
 
 Time is the child's wall time from start to exit, imports included (``work s`` leaves them out).
 
@@ -33,7 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-PATHS = ("peft", "qlora-kit original", "qlora-kit dequantized")
+PATHS = ("peft", "qlora-kit original", "qlora-kit dequantized", "qlora-kit gguf f16", "qlora-kit gguf q8_0")
+DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "qlora_kit" / "resources" / "tiny-demo"
 
 
 def build(workdir: Path, layers: int, hidden: int, shard_size: str) -> tuple[Path, Path]:
@@ -45,7 +48,7 @@ def build(workdir: Path, layers: int, hidden: int, shard_size: str) -> tuple[Pat
     from qlora_kit.adapter import config_fingerprint
 
     base, adapter = workdir / "base", workdir / "adapter"
-    stamp = json.dumps({"layers": layers, "hidden": hidden, "shard": shard_size})
+    stamp = json.dumps({"layers": layers, "hidden": hidden, "shard": shard_size, "tokenizer": True})
     if (workdir / "stamp.json").is_file() and (workdir / "stamp.json").read_text() == stamp:
         return base, adapter
     shutil.rmtree(workdir, ignore_errors=True)
@@ -64,6 +67,8 @@ def build(workdir: Path, layers: int, hidden: int, shard_size: str) -> tuple[Pat
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
     model.save_pretrained(base, max_shard_size=shard_size)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(DEMO_TOKENIZER / name, base / name)
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     gen = torch.Generator().manual_seed(1)
     for name, param in peft_model.named_parameters():
@@ -105,6 +110,12 @@ def child(path: str, base: str, adapter: str, out: str, shard_size: str) -> None
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         model.save_pretrained(out, max_shard_size=shard_size)
+    elif path.startswith("qlora-kit gguf"):
+        from qlora_kit.export.gguf import export_gguf
+
+        print(f"IMPORTED {_rss_mib():.1f}")
+        started = time.perf_counter()
+        export_gguf(adapter, out, gguf_type=path.split()[-1], verify=False, force=True)
     else:
         from qlora_kit.export.run import export
 

@@ -41,6 +41,7 @@ class LoraFactor:
     b: torch.Tensor
     scale: float
     embedding: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA's per-output-row magnitude m (peft lora_magnitude_vector)
 
     @property
     def rank(self) -> int:
@@ -66,7 +67,6 @@ class Adapter:
 
 
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters (use_dora) are not supported by qlora-kit export yet",
     "lora_bias": "LoRA biases (lora_bias) are not supported by qlora-kit export yet",
     "target_parameters": "LoRA on parameters (target_parameters) is not supported by qlora-kit export yet",
     "trainable_token_indices": "trainable tokens are not supported by qlora-kit export yet",
@@ -94,8 +94,10 @@ def _parse_adapter(
     replacements: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        m = re.match(r"(.+)\.(lora_A|lora_B)\.weight$", name) or re.match(
-            r"(.+)\.(lora_embedding_A|lora_embedding_B)$", name
+        m = (
+            re.match(r"(.+)\.(lora_A|lora_B)\.weight$", name)
+            or re.match(r"(.+)\.(lora_embedding_A|lora_embedding_B)$", name)
+            or re.match(r"(.+)\.(lora_magnitude_vector)(?:\.weight)?$", name)
         )
         if m:
             halves.setdefault(m.group(1), {})[m.group(2)] = tensor
@@ -111,10 +113,13 @@ def _parse_adapter(
         b = pair.get("lora_embedding_B" if embedding else "lora_B")
         if a is None or b is None:
             raise UsageError(f"adapter module {module!r} has only one of its two LoRA factors", "re-save the adapter")
+        magnitude = pair.get("lora_magnitude_vector")
+        if magnitude is not None and embedding:
+            raise UsageError(f"{module}: DoRA on an embedding is not supported by qlora-kit export", "")
         key = pattern_key(alpha_patterns, module)
         alpha = config["alpha_pattern"][key] if key is not None else config.get("lora_alpha", 8)
         scale = lora_scale(alpha, int(a.shape[0]), bool(config.get("use_rslora")))
-        factors[module + ".weight"] = LoraFactor(module, a, b, scale, embedding)
+        factors[module + ".weight"] = LoraFactor(module, a, b, scale, embedding, magnitude)
     return factors, replacements
 
 

@@ -265,7 +265,10 @@ def produce(op: Op, shard: Shard, plan: Plan) -> Iterator[torch.Tensor]:
         dtype = load_dtype if op.quantized or plan.merge_into == "dequantized" else src_dtype
         for first, rows in trained_rows(shard.get(op.source), mode, q.double_quant, dtype, rows_per_piece):
             if op.factor is not None:
-                rows.add_(lora_delta_rows(op.factor, first, first + rows.shape[0]))
+                last = first + rows.shape[0]
+                rows.add_(lora_delta_rows(op.factor, first, last))
+                if op.factor.magnitude is not None:
+                    rows.mul_(dora_factor(op.factor.magnitude[first:last], rows, dim=1).unsqueeze(1))
             yield _checked(op, rows).reshape(-1)
         return
     if op.replacement is not None:
@@ -281,7 +284,17 @@ def produce(op: Op, shard: Shard, plan: Plan) -> Iterator[torch.Tensor]:
         if merged is weight and not op.quantized:  # never add into the adapter's or the file's tensor
             merged = merged.clone()
         weight = merged.add_(lora_delta(op.factor, op.conv1d))
+        if op.factor.magnitude is not None:  # a Conv1D weight is (in, out): its output rows are columns
+            factor = dora_factor(op.factor.magnitude, weight, dim=0 if op.conv1d else 1)
+            weight.mul_(factor.unsqueeze(0) if op.conv1d else factor.unsqueeze(1))
     yield _checked(op, weight).reshape(-1)
+
+
+def dora_factor(magnitude: torch.Tensor, merged: torch.Tensor, dim: int) -> torch.Tensor:
+    """DoRA: m / ||W' + s B A|| per output row, the norm taken of the merged fp32 rows, W' the weight the
+    adapter model computed with (dequant(quant(W)) for a quantized base), as peft's
+    ``DoraLinearLayer.get_weight_norm`` does in the forward and in ``merge``."""
+    return magnitude.float() / torch.linalg.norm(merged, dim=dim)
 
 
 def _checked(op: Op, weight: torch.Tensor) -> torch.Tensor:
