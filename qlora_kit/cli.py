@@ -69,6 +69,12 @@ def _plan_parser(sub: Any) -> None:
     p.add_argument("--upcast", choices=["all", "selective"], default="all", help="k-bit prep: fp32 upcast of")
     p.add_argument("--chunked-loss", action="store_true", help="head + loss in chunks: never the full logits")
     p.add_argument("--offload-ckpt", action="store_true", help="gradient checkpoints' inputs in host memory")
+    p.add_argument(
+        "--allocator",
+        choices=["expandable", "caching"],
+        default="expandable",
+        help="torch's CUDA allocator to plan for: expandable segments (what train sets) or the default caching",
+    )
     p.add_argument("--sweep", metavar="KNOB=V1,V2", help="one plan per value side by side (e.g. rank=4,8,16,32,64)")
     p.add_argument("--json", action="store_true", help="print one JSON object (schema: docs/planner.md)")
     p.add_argument("--write-recipe", metavar="PATH", help="write the recipe `qlora-kit train` runs")
@@ -210,13 +216,14 @@ def _plan_inputs(args: argparse.Namespace) -> tuple[str, Any, Any]:
         model_name, constraints, data = _recipe_constraints(args)
     else:
         model_name, constraints, data = args.model, _flag_constraints(args), None
-    if args.gpus is not None or args.strategy:
+    if args.gpus is not None or args.strategy or args.allocator != "expandable":
         import dataclasses
 
         constraints = dataclasses.replace(
             constraints,
             gpus=constraints.gpus if args.gpus is None else args.gpus,
             strategy=args.strategy or constraints.strategy,
+            allocator=args.allocator,
         )
     return model_name, constraints, data
 

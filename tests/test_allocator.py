@@ -127,3 +127,39 @@ def test_train_chooses_expandable_segments_unless_the_user_set_it(tmp_path, monk
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", preset)
     train(demo_recipe(tmp_path / "run", max_steps=1), Quiet())
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (preset or "expandable_segments:True")
+
+
+@pytest.mark.parametrize(
+    ("model", "knobs"),
+    [
+        ("llama-3.1-8b", {"batch_size": 8, "grad_ckpt": True}),
+        ("llama-3.1-8b", {"batch_size": 2, "grad_ckpt": False, "quant": "int8"}),
+        ("opt-6.7b", {"batch_size": 4, "grad_ckpt": True, "quant": "none"}),
+    ],
+)
+def test_expandable_slack_bounds_the_replay(model: str, knobs: dict[str, object]) -> None:
+    from qlora_kit.catalog.models import lookup
+    from qlora_kit.knobs import TrainSetup
+    from qlora_kit.plan.memory import EXPANDABLE_SLACK
+    from qlora_kit.plan.steptrace import allocator_slack
+
+    arch = lookup(model)
+    setup = TrainSetup(**{"quant": "nf4", "seq_len": 2048, "targets": arch.linear_names(), **knobs})  # type: ignore[arg-type]
+    assert allocator_slack(arch, setup, "expandable") <= EXPANDABLE_SLACK < allocator_slack(arch, setup, "caching")
+
+
+def test_plan_allocator_flag_and_json(capsys) -> None:
+    import json
+
+    from qlora_kit.cli import main
+
+    out = {}
+    for allocator in ("expandable", "caching"):
+        argv = ["plan", "--model", "llama-3.1-8b", "--gpu", "24GB", "--batch-size", "4", "--grad-ckpt", "on"]
+        assert main([*argv, "--quant", "nf4", "--allocator", allocator, "--json"]) in (0, 3)
+        out[allocator] = json.loads(capsys.readouterr().out)
+    assert out["caching"]["allocator"] == "caching" and out["expandable"]["allocator"] == "expandable"
+    exp, cach = out["expandable"], out["caching"]
+    assert exp["peak_allocated_bytes"] == cach["peak_allocated_bytes"]
+    assert cach["peak_reserved_bytes"] - cach["peak_allocated_bytes"] > 1 << 30  # fragmentation at b=4
+    assert exp["peak_reserved_bytes"] - exp["peak_allocated_bytes"] == 22 << 20

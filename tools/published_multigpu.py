@@ -55,7 +55,7 @@ def row_setup(row: dict[str, str]) -> TrainSetup:
 
 
 def predict(row: dict[str, str]) -> float:
-    est = per_gpu(lookup(row["model"]), row_setup(row), int(row["gpus"]), row["strategy"])
+    est = per_gpu(lookup(row["model"]), row_setup(row), int(row["gpus"]), row["strategy"], "caching")  # other stacks
     b = dict(est.breakdown)
     adjust = 0
     if row["lora_dtype"] == "bf16":  # Answer.AI's "bf16" precision: LoRA weights, grads and Adam state in bf16

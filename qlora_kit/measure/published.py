@@ -100,7 +100,7 @@ def compare() -> list[Comparison]:
         arch = lookup(row["model"])
         if row["id"] in LITGPT_2023 | LITGPT_2024:
             arch = dataclasses.replace(arch, config={**arch.config, "hidden_act": "gelu_pytorch_tanh"})
-        est = estimate(arch, setup)
+        est = estimate(arch, setup, allocator="caching")  # measured with torch's default allocator
         predicted = _quantity(est, row["quantity"]) / UNITS[row["unit"]]
         setting = (
             f"{row['weights']}, r={row['lora_rank'] or '-'}, b={row['micro_batch'] or '-'}, "

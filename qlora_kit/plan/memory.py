@@ -6,7 +6,8 @@ quantities the planner reports:
 
 - ``peak_allocated_bytes``: what ``torch.cuda.max_memory_allocated()`` reports over one optimizer step
   (after the first, so optimizer state exists);
-- ``peak_reserved_bytes``: the same plus the caching allocator's slack (``max_memory_reserved``);
+- ``peak_reserved_bytes``: the same plus what the caching allocator holds beyond the tensors
+  (``max_memory_reserved``; :func:`slack_bytes`, from the allocator model in :mod:`qlora_kit.plan.allocator`);
 - ``device_bytes``: reserved plus the CUDA context, what ``nvidia-smi`` shows and the card must hold.
 
 The model describes the stack qlora-kit trains with: transformers' eager/SDPA attention, bitsandbytes
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 from qlora_kit.catalog.arch import ArchSpec, LinearSpec
 from qlora_kit.knobs import TrainSetup
 from qlora_kit.plan.activations import saved_bytes
+from qlora_kit.plan.allocator import LARGE_BUFFER, SMALL_BUFFER
 from qlora_kit.plan.moments import activation_peak_terms
+from qlora_kit.plan.steptrace import allocator_slack
 
 MIB = 1 << 20
 
@@ -45,9 +48,10 @@ OPT8_QMAP_BYTES = 2 * 256 * 4
 CUDA_CONTEXT_BYTES = 512 * MIB
 # cuBLAS workspaces come from torch's caching allocator, so they count as allocated memory.
 CUBLAS_WORKSPACE_BYTES = 32 * MIB
-# Caching-allocator slack (reserved - allocated) as a fraction of the short-lived bytes: activations
-# and temporaries are freed into cached 2 MiB / 20 MiB segments that cannot all be reused.
-ALLOCATOR_SLACK = 0.05
+# Reserved - allocated under ``expandable_segments:True`` (what ``train`` sets): at most one partly used
+# page per pool, 20 MiB (large) + 2 MiB (small). The replay of a step (``qlora_kit.plan.steptrace``) stays
+# within it (tests/test_allocator.py); free pages beyond it are unmapped before an out-of-memory error.
+EXPANDABLE_SLACK = LARGE_BUFFER + SMALL_BUFFER
 
 
 @dataclass(frozen=True)
@@ -186,8 +190,15 @@ def offloaded_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
     return offloaded
 
 
-def estimate(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> Estimate:
-    """Add the terms into the three reported quantities (see the module docstring).
+def slack_bytes(arch: ArchSpec, setup: TrainSetup, allocator: str = "expandable") -> int:
+    """Reserved - allocated at the peak: :data:`EXPANDABLE_SLACK` with expandable segments, else the caching
+    allocator's replay of two training steps (:func:`qlora_kit.plan.steptrace.allocator_slack`)."""
+    return EXPANDABLE_SLACK if allocator == "expandable" else allocator_slack(arch, setup, allocator)
+
+
+def estimate(arch: ArchSpec, setup: TrainSetup, device: str = "cuda", allocator: str = "expandable") -> Estimate:
+    """Add the terms into the three reported quantities (see the module docstring); ``allocator`` is
+    ``expandable`` (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, what ``train`` sets) or ``caching``.
 
     ``device="cpu"`` describes a step on the CPU instead (what ``tools/measure_memory.py`` checks the
     model against): CPU kernels' dtypes in the activation terms, and no cuBLAS workspace, allocator
@@ -206,8 +217,7 @@ def estimate(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> Estimat
         "cublas_workspace": CUBLAS_WORKSPACE_BYTES if cuda else 0,
     }
     allocated = sum(breakdown.values())
-    short_lived = breakdown["activations"] + breakdown["logits_loss"] + breakdown["transient"]
-    slack = int(ALLOCATOR_SLACK * short_lived) if cuda else 0
+    slack = slack_bytes(arch, setup, allocator) if cuda else 0
     breakdown["allocator_slack"] = slack
     breakdown["cuda_context"] = CUDA_CONTEXT_BYTES if cuda else 0
     reserved = allocated + slack

@@ -30,7 +30,7 @@ import math
 
 from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.knobs import STRATEGIES, TrainSetup
-from qlora_kit.plan.memory import ALLOCATOR_SLACK, Estimate, estimate
+from qlora_kit.plan.memory import Estimate, estimate
 
 SHARDED = ("linear_weights", "other_params", "lora_params", "lora_grads", "optimizer_state")
 GATHERED_LAYERS = 2
@@ -53,12 +53,16 @@ def gathered_bytes(arch: ArchSpec, est: Estimate) -> int:
     return root + math.ceil(GATHERED_LAYERS * per_layer)
 
 
-def per_gpu(arch: ArchSpec, setup: TrainSetup, gpus: int = 1, strategy: str = "ddp") -> Estimate:
+def per_gpu(
+    arch: ArchSpec, setup: TrainSetup, gpus: int = 1, strategy: str = "ddp", allocator: str = "expandable"
+) -> Estimate:
     """The memory of one GPU out of ``gpus`` training with ``strategy``; ``gpus == 1`` is one GPU's
-    estimate unchanged. ``setup.batch_size`` is the micro-batch of each GPU."""
+    estimate unchanged. ``setup.batch_size`` is the micro-batch of each GPU. The allocator slack is the
+    one-GPU step's (each GPU runs the same step on its own micro-batch; the sharded static terms only change
+    how the parameters pack, which the step's fragmentation dwarfs)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    single = estimate(arch, setup)
+    single = estimate(arch, setup, allocator=allocator)
     if gpus <= 1:
         return single
     b = dict(single.breakdown)
@@ -75,10 +79,8 @@ def per_gpu(arch: ArchSpec, setup: TrainSetup, gpus: int = 1, strategy: str = "d
         if strategy == "fsdp-offload":
             host += sum(full.values()) + single.paged_bytes
     cuda_context = b.pop("cuda_context")
-    b.pop("allocator_slack")
+    slack = b.pop("allocator_slack")
     allocated = sum(b.values())
-    short_lived = b["activations"] + b["logits_loss"] + b["transient"] + b["fsdp_gathered"]
-    slack = int(ALLOCATOR_SLACK * short_lived) if single.breakdown["allocator_slack"] else 0
     b["allocator_slack"] = slack
     b["cuda_context"] = cuda_context
     paged = 0 if strategy == "fsdp-offload" else math.ceil(single.paged_bytes / (1 if strategy == "ddp" else gpus))
@@ -126,11 +128,13 @@ def bases(gpus: int, strategy: str | None, quants: list[str]) -> list[tuple[int,
     return whole + [(g, s, q) for q in ranked for g, s in sharded]
 
 
-def fewest_gpus(arch: ArchSpec, setup: TrainSetup, limit_bytes: int, above: int = 1) -> tuple[int, str] | None:
+def fewest_gpus(
+    arch: ArchSpec, setup: TrainSetup, limit_bytes: int, above: int = 1, allocator: str = "expandable"
+) -> tuple[int, str] | None:
     """The fewest GPUs (more than ``above``, up to 64) on which ``setup`` fits per GPU: FSDP, else with offload."""
     for strategy in ("fsdp", "fsdp-offload"):
         for gpus in (2, 4, 8, 16, 32, 64):
-            if gpus > above and per_gpu(arch, setup, gpus, strategy).device_bytes <= limit_bytes:
+            if gpus > above and per_gpu(arch, setup, gpus, strategy, allocator).device_bytes <= limit_bytes:
                 return gpus, strategy
     return None
 

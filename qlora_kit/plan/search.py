@@ -27,6 +27,7 @@ from qlora_kit.catalog.readers import DEFAULT_TARGETS
 from qlora_kit.errors import UsageError
 from qlora_kit.knobs import ALL_LINEAR, ATTNS, DTYPES, OPTIMIZERS, QUANTS, STRATEGIES, UPCASTS, TrainSetup
 from qlora_kit.plan import multigpu
+from qlora_kit.plan.allocator import ALLOCATORS
 from qlora_kit.plan.memory import Estimate
 
 HEADROOM = 0.05
@@ -56,6 +57,7 @@ class Constraints:
     offload_ckpt: bool = False  # needs grad_ckpt
     gpus: int = 1  # GPUs available; the search prefers the fewest that fit (qlora_kit.plan.multigpu)
     strategy: str | None = None  # ddp | fsdp | fsdp-offload; None: searched
+    allocator: str = "expandable"  # expandable (what train sets) | caching (qlora_kit.plan.allocator)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class Plan:
     runners_up: list[Candidate] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    allocator: str = "expandable"
 
     @property
     def limit_bytes(self) -> int:
@@ -150,6 +153,8 @@ def _validate(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> None:
         problems.append(f"{device.name} has no bf16 support; use --dtype fp16")
     if not 0 <= c.lora_dropout < 1:
         problems.append("--lora-dropout must be in [0, 1)")
+    if c.allocator not in ALLOCATORS:
+        problems.append(f"--allocator must be one of {', '.join(ALLOCATORS)}")
     if c.upcast not in UPCASTS:
         problems.append(f"--upcast must be one of {', '.join(UPCASTS)}")
     if c.offload_ckpt and c.grad_ckpt is False:
@@ -217,7 +222,7 @@ def _candidate(arch: ArchSpec, c: Constraints, device: DeviceSpec, knobs: dict[s
         chunked_loss=c.chunked_loss,
         offload_ckpt=c.offload_ckpt,
     )
-    est = multigpu.per_gpu(arch, setup, gpus, strategy)
+    est = multigpu.per_gpu(arch, setup, gpus, strategy, c.allocator)
     # micro-batch per GPU: the GPUs together make up the effective batch
     accum = max(1, math.ceil(c.effective_batch / (batch * gpus)))
     return Candidate(setup, accum, label, est, est.device_bytes <= fit_limit(device), gpus, strategy)
@@ -241,10 +246,18 @@ def plan(arch: ArchSpec, device: DeviceSpec, c: Constraints) -> Plan:
         best = fitting[0]
         runners = _runners_up(best, fitting[1:])
         reasons = multigpu.reasons(best.estimate, c.gpus, best.gpus, best.strategy)
-        return Plan(arch, device, best, True, runners, reasons + _reasons(arch, best, cands, device, c), [])
+        why = reasons + _reasons(arch, best, cands, device, c)
+        return Plan(arch, device, best, True, runners, why, [], c.allocator)
     smallest = min(cands, key=lambda x: x.estimate.device_bytes)
     return Plan(
-        arch, device, smallest, False, [], [], _notes(arch, smallest.setup) + _advice(arch, c, device, smallest)
+        arch,
+        device,
+        smallest,
+        False,
+        [],
+        [],
+        _notes(arch, smallest.setup) + _advice(arch, c, device, smallest),
+        c.allocator,
     )
 
 
@@ -334,7 +347,7 @@ def _advice(arch: ArchSpec, c: Constraints, device: DeviceSpec, smallest: Candid
     while lo < hi:
         mid = (lo + hi + 1) // 2
         shorter = smallest.setup.with_(seq_len=mid)
-        if multigpu.per_gpu(arch, shorter, smallest.gpus, smallest.strategy).device_bytes <= limit:
+        if multigpu.per_gpu(arch, shorter, smallest.gpus, smallest.strategy, c.allocator).device_bytes <= limit:
             lo = mid
         else:
             hi = mid - 1
@@ -343,7 +356,7 @@ def _advice(arch: ArchSpec, c: Constraints, device: DeviceSpec, smallest: Candid
     bigger = sorted((d for d in gpu_table() if fit_limit(d) >= need), key=lambda d: d.memory_bytes)
     if bigger:
         advice.append(f"a bigger card: {bigger[0].name} ({bigger[0].memory_gib:.0f} GiB) or larger")
-    more = multigpu.fewest_gpus(arch, smallest.setup, limit, above=c.gpus)
+    more = multigpu.fewest_gpus(arch, smallest.setup, limit, above=c.gpus, allocator=c.allocator)
     if more:
         advice.append(
             f"more GPUs: {more[0]} x {device.name} with {more[1]} (`--gpus {more[0]}`; activations are not sharded)"
@@ -367,6 +380,7 @@ def plan_json(p: Plan) -> dict[str, object]:
         "host_bytes": est.host_bytes,
         "gpus": p.best.gpus,
         "strategy": p.best.strategy,
+        "allocator": p.allocator,
         "placement": multigpu.placement(est, p.best.gpus, p.best.strategy),
         "choice": {**p.best.choice(), **p.best.switches()},
         "breakdown": dict(est.breakdown),
