@@ -66,9 +66,13 @@ def _plan_parser(sub: Any) -> None:
     p.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-offload"], help="multi-GPU strategy (default: searched)")
     p.add_argument("--lora-fa", action="store_true", help="LoRA-FA: lora_A frozen at init, only lora_B trained")
     p.add_argument("--kernel", choices=["peft", "runlora"], default="peft", help="LoRA layer implementation")
-    p.add_argument("--upcast", choices=["all", "selective"], default="all", help="k-bit prep: fp32 upcast of")
-    p.add_argument("--chunked-loss", action="store_true", help="head + loss in chunks: never the full logits")
-    p.add_argument("--offload-ckpt", action="store_true", help="gradient checkpoints' inputs in host memory")
+    p.add_argument("--upcast", choices=["all", "selective"], help="k-bit prep: fp32 upcast of (default: searched)")
+    p.add_argument(
+        "--chunked-loss", action=argparse.BooleanOptionalAction, help="head + loss in chunks (default: searched)"
+    )
+    p.add_argument(
+        "--offload-ckpt", action=argparse.BooleanOptionalAction, help="checkpoints in host memory (default: searched)"
+    )
     p.add_argument(
         "--allocator",
         choices=["expandable", "caching"],

@@ -163,3 +163,14 @@ def test_plan_allocator_flag_and_json(capsys) -> None:
     assert exp["peak_allocated_bytes"] == cach["peak_allocated_bytes"]
     assert cach["peak_reserved_bytes"] - cach["peak_allocated_bytes"] > 1 << 30  # fragmentation at b=4
     assert exp["peak_reserved_bytes"] - exp["peak_allocated_bytes"] == 22 << 20
+
+
+def test_llama_8b_on_12gb_fits_with_the_savers_it_names(capsys) -> None:
+    from qlora_kit.cli import main
+
+    assert main(["plan", "--model", "llama-3.1-8b", "--gpu", "12GB", "--seq-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "memory savers: nothing fits without --upcast selective" in out
+    # pinned off, the savers are not searched: nothing fits
+    argv = ["plan", "--model", "llama-3.1-8b", "--gpu", "12GB", "--upcast", "all", "--no-chunked-loss"]
+    assert main([*argv, "--no-offload-ckpt"]) == 3

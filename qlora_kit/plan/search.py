@@ -17,9 +17,10 @@ A setting "fits" when its ``device_bytes`` plus a headroom of 5% of the card sta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.catalog.gpus import GIB, DeviceSpec, gpu_table
@@ -52,9 +53,9 @@ class Constraints:
     lora_dropout: float = 0.05
     lora_fa: bool = False
     kernel: str = "peft"  # peft | runlora
-    upcast: str = "all"  # all | selective (qlora_kit.model.savers)
-    chunked_loss: bool = False
-    offload_ckpt: bool = False  # needs grad_ckpt
+    upcast: str | None = None  # all | selective (qlora_kit.model.savers); None: searched (SAVERS)
+    chunked_loss: bool | None = None  # None: searched (SAVERS)
+    offload_ckpt: bool | None = None  # needs grad_ckpt; None: searched (SAVERS)
     gpus: int = 1  # GPUs available; the search prefers the fewest that fit (qlora_kit.plan.multigpu)
     strategy: str | None = None  # ddp | fsdp | fsdp-offload; None: searched
     allocator: str = "expandable"  # expandable (what train sets) | caching (qlora_kit.plan.allocator)
@@ -155,7 +156,7 @@ def _validate(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> None:
         problems.append("--lora-dropout must be in [0, 1)")
     if c.allocator not in ALLOCATORS:
         problems.append(f"--allocator must be one of {', '.join(ALLOCATORS)}")
-    if c.upcast not in UPCASTS:
+    if c.upcast is not None and c.upcast not in UPCASTS:
         problems.append(f"--upcast must be one of {', '.join(UPCASTS)}")
     if c.offload_ckpt and c.grad_ckpt is False:
         problems.append("--offload-ckpt offloads gradient checkpoints: it needs --grad-ckpt")
@@ -218,9 +219,9 @@ def _candidate(arch: ArchSpec, c: Constraints, device: DeviceSpec, knobs: dict[s
         lora_dropout=c.lora_dropout,
         lora_fa=c.lora_fa,
         runlora=c.kernel == "runlora",
-        upcast=c.upcast,
-        chunked_loss=c.chunked_loss,
-        offload_ckpt=c.offload_ckpt,
+        upcast=c.upcast or "all",
+        chunked_loss=bool(c.chunked_loss),
+        offload_ckpt=bool(c.offload_ckpt),
     )
     est = multigpu.per_gpu(arch, setup, gpus, strategy, c.allocator)
     # micro-batch per GPU: the GPUs together make up the effective batch
@@ -237,17 +238,46 @@ def candidates(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> list[Candi
     return [_candidate(arch, c, device, k) for k in combos]
 
 
+# The memory savers, cheapest in speed first: the bf16 training-step table of ``tools/bench_train.py``
+# (README): selective upcast 0.67x of peft + Trainer's step time (no slower than qlora-kit's own 0.75x),
+# offloaded checkpoints 0.79x, chunked loss 0.93x. Each is turned on, cumulatively, only when no setting
+# fits without it: a saver is the least preferred knob, so it never costs speed where the card holds the
+# step without it. ``--upcast all``, ``--no-offload-ckpt``, ``--no-chunked-loss`` pin them off.
+SAVERS: tuple[tuple[str, object, str], ...] = (
+    ("upcast", "selective", "--upcast selective (embeddings and head stay 16-bit)"),
+    ("offload_ckpt", True, "--offload-ckpt (checkpointed inputs in host memory)"),
+    ("chunked_loss", True, "--chunked-loss (the loss 1024 rows at a time: no full logits)"),
+)
+
+
+def saver_steps(c: Constraints) -> list[tuple[Constraints, list[str]]]:
+    """The constraints to search in turn: as given, then each unpinned saver added (with the reasons)."""
+    steps: list[tuple[Constraints, list[str]]] = [(c, [])]
+    on: list[str] = []
+    for name, value, why in SAVERS:
+        if getattr(c, name) is not None or (name == "offload_ckpt" and c.grad_ckpt is False):
+            continue
+        on.append(why)
+        c = dataclasses.replace(c, **cast(dict[str, Any], {name: value}))
+        steps.append((c, list(on)))
+    return steps
+
+
 def plan(arch: ArchSpec, device: DeviceSpec, c: Constraints) -> Plan:
     """Pick the best setting that fits, explain why, and say what would help when none does."""
     _validate(arch, c, device)
-    cands = candidates(arch, c, device)
-    fitting = [x for x in cands if x.fits]
-    if fitting:
-        best = fitting[0]
-        runners = _runners_up(best, fitting[1:])
-        reasons = multigpu.reasons(best.estimate, c.gpus, best.gpus, best.strategy)
-        why = reasons + _reasons(arch, best, cands, device, c)
-        return Plan(arch, device, best, True, runners, why, [], c.allocator)
+    for step, savers in saver_steps(c):
+        cands = candidates(arch, step, device)
+        fitting = [x for x in cands if x.fits]
+        if fitting:
+            best = fitting[0]
+            runners = _runners_up(best, fitting[1:])
+            reasons = multigpu.reasons(best.estimate, c.gpus, best.gpus, best.strategy)
+            if savers:
+                reasons.append("memory savers: nothing fits without " + "; ".join(savers))
+            why = reasons + _reasons(arch, best, cands, device, step)
+            return Plan(arch, device, best, True, runners, why, [], c.allocator)
+    c = step
     smallest = min(cands, key=lambda x: x.estimate.device_bytes)
     return Plan(
         arch,
