@@ -156,6 +156,7 @@ def test_plan_allocator_flag_and_json(capsys) -> None:
     out = {}
     for allocator in ("expandable", "caching"):
         argv = ["plan", "--model", "llama-3.1-8b", "--gpu", "24GB", "--batch-size", "4", "--grad-ckpt", "on"]
+        argv += ["--no-chunked-loss", "--no-offload-ckpt", "--upcast", "all"]  # the same knobs for both
         assert main([*argv, "--quant", "nf4", "--allocator", allocator, "--json"]) in (0, 3)
         out[allocator] = json.loads(capsys.readouterr().out)
     assert out["caching"]["allocator"] == "caching" and out["expandable"]["allocator"] == "expandable"
