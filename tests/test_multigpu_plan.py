@@ -121,7 +121,7 @@ def test_bad_multi_gpu_input_is_one_line():
     assert out.returncode == 2 and "--gpus" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_the_readme_multi_gpu_table_is_current_and_every_row_has_a_source():
+def test_the_published_multi_gpu_table_is_current_and_every_row_has_a_source():
     import csv
 
     text = (ROOT / "qlora_kit" / "resources" / "published_multigpu.csv").read_text()

@@ -1,4 +1,4 @@
-"""The planner against published measurements of real training runs (README table)."""
+"""The planner against published measurements of real training runs (the table in docs/published.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_median_error_against_published_measurements_is_under_ten_percent():
     assert median_abs_error(compare()) < 0.10
 
 
-def test_readme_table_is_regenerated_from_the_current_model():
+def test_the_published_table_is_regenerated_from_the_current_model():
     out = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "published_peaks.py"), "--check"], capture_output=True, text=True
     )

@@ -17,7 +17,7 @@ The model is a llama-style fp16 checkpoint built from a config (hidden 1024, 12 
 
 Time is the child's wall time from start to exit, imports included (``work s`` leaves them out).
 
-Results (with the machine, versions and load they were taken under) are in README.md, "qlora-kit export".
+Results (with the machine, versions and load they were taken under) are in docs/benchmarks.md, "qlora-kit export".
 The export's own peak is a constant (torch + transformers imports, ~250 MiB, and ~100 MiB more that
 building the model skeleton on the meta device imports: torch._dynamo, sympy) plus one 16-bit source
 tensor and a few 4 MiB slices; the peft path's grows with the model.

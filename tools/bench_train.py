@@ -2,7 +2,7 @@
 
 Usage:
     python tools/bench_train.py                  # CPU, a few minutes: the table on stdout
-    python tools/bench_train.py --write          # ... and into README.md between the bench-train markers
+    python tools/bench_train.py --write          # ... and into docs/benchmarks.md between the bench-train markers
     python tools/bench_train.py --layers         # only the runlora layer microbenchmark
     python tools/bench_train.py --quality        # LoRA-FA's loss curve next to LoRA's on the tiny demo
     python tools/bench_train.py --device cuda    # on a GPU (peaks from max_memory_allocated)
@@ -18,7 +18,7 @@ both as ratios to (a); the bytes autograd keeps for backward after one forward; 
 ``--compute bf16``: the 4-bit layers compute in bf16, the checkpoint is bf16, and both sides run under bf16
 autocast (the Trainer with ``bf16=True``; the run checks that the head's output is bf16 on both sides).
 ``--write`` keeps one table per device, compute dtype and checkpoint dtype, and one layer table per device,
-each with the command that produced it, between the README's markers.
+each with the command that produced it, between the bench-train markers of docs/benchmarks.md.
 The layer microbenchmark times forward + backward of peft's LoRA layer and qlora-kit's runlora layer over
 the same NF4 base, per shape, alternating.
 """
@@ -41,10 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import doc_section
+
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-README = ROOT / "README.md"
+PAGE = "docs/benchmarks.md"  # relative to ROOT
 START, END = "<!-- bench-train:start -->", "<!-- bench-train:end -->"
 
 CONFIG = {
@@ -504,22 +506,19 @@ def _part_order(name: str) -> tuple[Any, ...]:
 
 
 def write_section(parts: dict[str, str]) -> int:
-    """Replace the named parts between the bench-train markers, keeping the other parts there: one part per
-    ``train-DEVICE-COMPUTE-CHECKPOINT`` and per ``layers-DEVICE``, each after its own marker comment
+    """Replace the named parts between the bench-train markers of ``PAGE``, keeping the other parts there: one
+    part per ``train-DEVICE-COMPUTE-CHECKPOINT`` and per ``layers-DEVICE``, each after its own marker comment
     (text between the markers that belongs to no part, from before parts existed, is dropped)."""
-    readme = README.read_text()
-    if START not in readme or END not in readme:
-        print(f"README.md has no {START} ... {END} markers")
+    found = doc_section.between(PAGE, START, END)
+    if found is None:
+        print(f"{PAGE} has no {START} ... {END} markers: put them back where the tables belong")
         return 1
-    head, _, rest = readme.partition(START)
-    body, _, tail = rest.partition(END)
+    head, body, tail = found
     pieces = PART.split(body)
     kept = {name: text.strip() for name, text in zip(pieces[1::2], pieces[2::2], strict=True)}
     kept.update(parts)
     text = "\n\n".join(f"<!-- bench-train:{name} -->\n{kept[name]}" for name in sorted(kept, key=_part_order))
-    tmp = README.with_suffix(".md.tmp")
-    tmp.write_text(f"{head}{START}\n{text}\n{END}{tail}")
-    tmp.replace(README)
+    doc_section.write(PAGE, f"{head}{START}\n{text}\n{END}{tail}")
     return 0
 
 
@@ -546,7 +545,7 @@ def main() -> int:
     parser.add_argument("--layers", action="store_true", help="only the runlora layer microbenchmark")
     parser.add_argument("--quality", action="store_true", help="LoRA-FA vs LoRA loss curves -> docs/lora-fa.md")
     parser.add_argument("--quality-steps", type=int, default=150)
-    parser.add_argument("--write", action="store_true", help="write the tables into README.md between the markers")
+    parser.add_argument("--write", action="store_true", help=f"write the tables into {PAGE} between the markers")
     args = parser.parse_args()
     args.dtype = args.dtype or args.compute
     if args.compute == "bf16" and args.dtype != "bf16":

@@ -1,8 +1,8 @@
 """The per-GPU planner next to published multi-GPU QLoRA/LoRA measurements, as a markdown table.
 
     python tools/published_multigpu.py            # print the table
-    python tools/published_multigpu.py --write    # refresh it in README.md (between the markers)
-    python tools/published_multigpu.py --check    # exit 1 if README.md's table is stale
+    python tools/published_multigpu.py --write    # refresh it in docs/published.md (between the markers)
+    python tools/published_multigpu.py --check    # exit 1 if docs/published.md's table is stale
 
 Rows, exact settings and sources: qlora_kit/resources/published_multigpu.csv. Each row is predicted with
 ``qlora_kit.plan.multigpu.per_gpu`` in the row's own quantity and unit, with the knobs its implementation
@@ -15,7 +15,7 @@ import csv
 import sys
 from importlib import resources
 
-import readme_section
+import doc_section
 
 from qlora_kit.catalog.models import lookup
 from qlora_kit.knobs import TrainSetup
@@ -23,6 +23,7 @@ from qlora_kit.measure.published import UNITS, WEIGHTS, Comparison, markdown_tab
 from qlora_kit.plan.memory import Estimate
 from qlora_kit.plan.multigpu import per_gpu
 
+PAGE = "docs/published.md"
 START, END = "<!-- multigpu:start -->", "<!-- multigpu:end -->"
 LORA_TERMS = ("lora_params", "lora_grads", "optimizer_state")
 
@@ -89,8 +90,8 @@ def compare() -> list[Comparison]:
 
 
 def main() -> int:
-    return readme_section.main(
-        "published_multigpu", START, END, lambda: markdown_table(compare()), (__doc__ or "").splitlines()[0]
+    return doc_section.main(
+        "published_multigpu", PAGE, START, END, lambda: markdown_table(compare()), (__doc__ or "").splitlines()[0]
     )
 
 
