@@ -315,9 +315,10 @@ def _sweep(args: argparse.Namespace, arch: Any, device: Any, constraints: Any) -
 
 def _models(args: argparse.Namespace) -> int:
     from qlora_kit import ui
-    from qlora_kit.catalog.models import catalog_names, lookup
+    from qlora_kit.catalog.models import ambiguous_names, catalog_names, lookup, short_names
 
-    ui.render_models([lookup(n) for n in catalog_names()])
+    names = catalog_names()
+    ui.render_models([lookup(n) for n in names], {n: short_names(n) for n in names}, ambiguous_names())
     return 0
 
 

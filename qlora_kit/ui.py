@@ -123,22 +123,31 @@ def render_sweep(result: SweepResult) -> None:
     console.print(table)
 
 
-def render_models(archs: list[ArchSpec]) -> None:
-    table = Table(title=f"{len(archs)} models in the catalog", title_justify="left")
-    for col in ("name", "type", "params", "layers", "hidden", "heads/kv", "vocab", "context"):
-        table.add_column(col, justify="left" if col in ("name", "type") else "right", no_wrap=col == "name")
+def render_models(
+    archs: list[ArchSpec], names: dict[str, tuple[str, ...]], ambiguous: dict[str, tuple[str, ...]]
+) -> None:
+    """The catalog with each entry's short names (``names``: hub id -> its key, then its short forms), and the
+    short forms that could mean several (``ambiguous``: form -> the keys to choose from)."""
+    title = f"{len(archs)} models in the catalog (--model takes the name, the short name, or the name without its org)"
+    table = Table(title=title, title_justify="left")
+    cols = ("name", "short name", "params", "layers", "heads/kv", "vocab", "context")  # fits 120 columns
+    for col in cols:
+        table.add_column(col, justify="right" if col in cols[2:] else "left", no_wrap=col in cols[:2])
     for a in archs:
+        key, *forms = names.get(a.name, ("",))
         table.add_row(
             a.name,
-            a.model_type,
+            ", ".join(forms) or key,
             f"{a.num_params / 1e9:.2f}B",
             str(a.num_layers),
-            str(a.hidden_size),
             f"{a.num_heads}/{a.num_kv_heads}",
             f"{a.vocab_size:,}",
             str(a.max_positions or "-"),
         )
     console.print(table)
+    if ambiguous:
+        forms = "; ".join(f"{form} ({' or '.join(keys)})" for form, keys in ambiguous.items())
+        console.print(f"ambiguous, name the version: {forms}")
 
 
 def render_gpus(devices: tuple[DeviceSpec, ...]) -> None:

@@ -1,5 +1,8 @@
 """The built-in model catalog and name resolution: a name, path or hub id -> :class:`ArchSpec`.
 
+Besides a hub id, each entry answers to its key (``llama-3.1-8b``) and to the short forms of
+:mod:`qlora_kit.catalog.shortnames` (``mistral-7b``, ``qwen-7b``) that name it alone.
+
 The built-in catalog (``resources/models.json``) holds the config dicts of the models in
 ``shared/reference/model_configs.csv``; their sources are listed in ``docs/catalog.md``. Each goes
 through the same reader (:func:`qlora_kit.catalog.arch.arch_from_config`) as a user's checkpoint.
@@ -17,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qlora_kit.catalog import shortnames
 from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.catalog.readers import arch_from_config
 from qlora_kit.errors import UsageError
@@ -38,26 +42,49 @@ def _key(name: str) -> str:
 
 
 @cache
-def _aliases() -> dict[str, str]:
-    return {_key(hf_id): hf_id for hf_id in catalog_configs()}
+def _names() -> shortnames.ShortNames:
+    return shortnames.build((_key(hf_id), hf_id) for hf_id in catalog_configs())
 
 
 def catalog_names() -> list[str]:
     return list(catalog_configs())
 
 
+def short_names(hf_id: str) -> tuple[str, ...]:
+    """The names a catalog entry answers to besides its hub id: its key, then its short forms."""
+    return (_key(hf_id), *_names().shown.get(hf_id, ()))
+
+
+def ambiguous_names() -> dict[str, tuple[str, ...]]:
+    """Short forms several entries share (``llama-8b``) -> the keys of those entries."""
+    return {form: tuple(_key(h) for h in ids) for form, ids in _names().ambiguous.items()}
+
+
+def _find(name: str) -> str | None:
+    """The hub id a catalog name means; ``None`` if it means none; one line if it could mean several."""
+    org = name.strip().rpartition("/")[0]
+    ids = _names().candidates(_key(name), org)
+    if len(ids) > 1:
+        raise UsageError(
+            f"model {name.strip()!r} could mean {len(ids)} catalog models: {', '.join(ids)}",
+            "name the version: " + " or ".join(_key(h) for h in ids),
+        )
+    return ids[0] if ids else None
+
+
 def lookup(name: str) -> ArchSpec:
-    """Resolve a catalog name (case-insensitive, with or without the hub organisation)."""
-    hf_id = _aliases().get(_key(name))
+    """Resolve a catalog name: a hub id or its key (case-insensitive), or a short form naming one entry."""
+    hf_id = _find(name)
     if hf_id is None:
         raise UsageError(f"unknown model {name!r}", _suggest(name))
     return arch_from_config(catalog_configs()[hf_id], hf_id)
 
 
 def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(_key(name), list(_aliases()), n=3, cutoff=0.5)
+    keys = {_key(hf_id): hf_id for hf_id in catalog_configs()}
+    close = difflib.get_close_matches(_key(name), list(keys), n=3, cutoff=0.5)
     if close:
-        return "did you mean " + ", ".join(_aliases()[c] for c in close) + "? (`qlora-kit models` lists all)"
+        return "did you mean " + ", ".join(keys[c] for c in close) + "? (`qlora-kit models` lists all)"
     return "`qlora-kit models` lists the catalog; a local directory or config.json path also works"
 
 
@@ -117,7 +144,7 @@ def resolve_model(name_or_path: str) -> ArchSpec:
         if not path.is_file():
             raise UsageError(f"{path} does not exist", "check the path to config.json")
         return arch_from_config(_read_config_file(path), str(path))
-    if _key(name_or_path) in _aliases():
+    if _find(name_or_path) is not None:
         return lookup(name_or_path)
     if name_or_path.count("/") == 1 and " " not in name_or_path:
         return arch_from_config(_fetch_hub_config(name_or_path), name_or_path)
