@@ -346,16 +346,25 @@ def quiet_libraries() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from qlora_kit import ui
     from qlora_kit.recipe import load_recipe
     from qlora_kit.train import distributed
 
     sets = [*args.set, *([f"train.gpus={args.gpus}"] if args.gpus is not None else [])]
     sets += [f"train.strategy={args.strategy}"] if args.strategy else []
-    sets += ["model.trust_remote_code=true"] if args.trust_remote_code else []  # the flag is the only source
     recipe = load_recipe(args.recipe, sets)
+    if recipe.model.trust_remote_code and not args.trust_remote_code:  # the flag is the only source
+        raise UsageError(
+            "the recipe sets model.trust_remote_code, but only the command line may let the model's own code run",
+            "pass --trust-remote-code if you trust that code, or remove the key",
+        )
+    if args.trust_remote_code:
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, trust_remote_code=True))
     if recipe.train.gpus > 1 and distributed.launched_world() == 1:  # one process per GPU, each back here
         argv = ["train", args.recipe, *[x for s in sets for x in ("--set", s)]]
+        argv += ["--trust-remote-code"] * args.trust_remote_code
         return distributed.relaunch(recipe.train.gpus, argv + ["--resume"] * args.resume + ["--force"] * args.force)
     quiet_libraries()
     from qlora_kit.train.loop import train

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlora_kit.errors import UsageError
+from qlora_kit.errors import UsageError, writing
 
 STATE_FILE = "state.json"
 PREFIX = "step-"
@@ -82,19 +82,20 @@ def save(
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        model.save_pretrained(tmp, state_dict=model_state)
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / RNG_FILE).write_text(json.dumps(rng))
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(root, f"checkpoint {final.name}"):
+        try:
+            tmp.mkdir()
+            model.save_pretrained(tmp, state_dict=model_state)
+            torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / RNG_FILE).write_text(json.dumps(rng))
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     for old in complete(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from qlora_kit.errors import QloraKitError, UsageError
+from qlora_kit.errors import QloraKitError, UsageError, WriteFailed
 from qlora_kit.recipe import LoraSpec, Recipe
 from qlora_kit.train import checkpoint, distributed
 from qlora_kit.train.outputs import (
     METRICS_FILE,
+    RANDOM_INIT_DIR,
     PreviousRun,
     Reporter,
     SilentReporter,
@@ -181,23 +182,37 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
     run = _prepare_inputs(recipe, reporter, output_dir, force)
     aside = PreviousRun(output_dir) if previous and run.dist.main else None
     try:
+        _materialize_base(run)
         _build_model(run)
         step, history = _resume(run, resume_from) if resume_from is not None else (0, [])
         result = _loop(run, step, history, aside)
-    except BaseException:
+    except BaseException as exc:
+        restored = aside is not None and aside.aside.exists()
         if aside is not None:
             aside.restore()
+        if isinstance(exc, WriteFailed):
+            raise WriteFailed(exc.message, _after_write_failure(output_dir, restored)) from None
         raise
     if aside is not None:
         aside.drop()
     return result
 
 
+def _after_write_failure(output_dir: Path, restored: bool) -> str:
+    """What to do after a write failed mid-run (a full disk): nothing half-written was left."""
+    if restored:
+        return f"free some space and run the command again (the previous run in {output_dir} was put back)"
+    last = checkpoint.latest(output_dir)
+    if last is not None:
+        return f"free some space, then continue from {last.name} with: qlora-kit train RECIPE --resume"
+    return "free some space (or set train.output_dir on another disk) and run the command again"
+
+
 def _prepare_inputs(recipe: Recipe, reporter: Reporter, output_dir: Path, force: bool) -> Run:
     """Everything that can be checked before a weight loads: the data, the tokenizer, the fit."""
     from qlora_kit.data import load as datalib
     from qlora_kit.data.batches import BatchStream
-    from qlora_kit.model.load import load_tokenizer, materialize_random_init, resolve_model_spec
+    from qlora_kit.model.load import load_tokenizer, resolve_model_spec
 
     t = recipe.train
     if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):  # before CUDA starts
@@ -230,14 +245,22 @@ def _prepare_inputs(recipe: Recipe, reporter: Reporter, output_dir: Path, force:
     )
     if tokenized.eval:
         check_eval_split(recipe, tokenized.eval, tokenizer.pad_token_id)
-    if recipe.model.random_init:
-        if not dist.main:
-            distributed.barrier(dist)  # rank 0 writes the random-init base, the others then reuse it
-        model_spec = materialize_random_init(model_spec, output_dir / "random-init-base", t.seed)
-        if dist.main:
-            distributed.barrier(dist)
     check_fits(distributed.as_launched(recipe, dist), model_spec.name, device, reporter, force)  # per GPU
     return Run(recipe, reporter, output_dir, device, dist, model_spec.name, tokenizer, tokenized, stream)
+
+
+def _materialize_base(run: Run) -> None:
+    """A random-init recipe's base, written into the run's directory (after an old run moved aside)."""
+    from qlora_kit.model.load import materialize_random_init, resolve_model_spec
+
+    if not run.recipe.model.random_init:
+        return
+    if not run.dist.main:
+        distributed.barrier(run.dist)  # rank 0 writes the random-init base, the others then reuse it
+    spec = resolve_model_spec(run.recipe.model)
+    run.model_name = materialize_random_init(spec, run.output_dir / RANDOM_INIT_DIR, run.recipe.train.seed).name
+    if run.dist.main:
+        distributed.barrier(run.dist)
 
 
 def _build_model(run: Run) -> None:

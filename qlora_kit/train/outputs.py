@@ -4,6 +4,7 @@ run kept aside while ``--force`` starts over."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from qlora_kit.adapter import METADATA_FILE, config_fingerprint
-from qlora_kit.errors import UsageError
+from qlora_kit.errors import UsageError, writing
 from qlora_kit.recipe import Recipe
 from qlora_kit.train import checkpoint
 
@@ -56,13 +57,16 @@ def prepare_output(output_dir: Path, resume: bool, force: bool) -> tuple[Path | 
     return None, previous
 
 
+RANDOM_INIT_DIR = "random-init-base"  # a random-init recipe's base, inside the run's directory
+
+
 class PreviousRun:
     """A previous run's checkpoints, metrics and metadata, moved aside while ``--force`` starts over.
 
     They come back if the new run fails before it has a checkpoint of its own, and are deleted once
     it has one (or completes): a failed command never destroys earlier work."""
 
-    NAMES = ("checkpoints", METADATA_FILE, METRICS_FILE)
+    NAMES = ("checkpoints", METADATA_FILE, METRICS_FILE, RANDOM_INIT_DIR)  # the base its adapter was trained on
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir, self.aside = output_dir, output_dir / ".previous-run"
@@ -87,8 +91,20 @@ class PreviousRun:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """One whole line or none: a failed write (a full disk) is cut back off the file."""
+    data = (json.dumps(record) + "\n").encode()
+    with writing(path.parent, path.name):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -132,8 +148,13 @@ def write_final(
 
     tmp = output_dir / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=adapter)  # adapter: the full LoRA weights of an FSDP run
-    tokenizer.save_pretrained(tmp)
+    with writing(output_dir, "the adapter"):
+        try:
+            model.save_pretrained(tmp, state_dict=adapter)  # adapter: the full LoRA weights of an FSDP run
+            tokenizer.save_pretrained(tmp)
+        except BaseException:  # a full disk, Ctrl-C: no half-written adapter stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     for item in tmp.iterdir():
         os.replace(item, output_dir / item.name)
     tmp.rmdir()
@@ -151,7 +172,8 @@ def write_final(
     }
     from qlora_kit.recipe import write_atomic
 
-    write_atomic(output_dir / METADATA_FILE, json.dumps(metadata, indent=2))
+    with writing(output_dir, METADATA_FILE):
+        write_atomic(output_dir / METADATA_FILE, json.dumps(metadata, indent=2))
 
 
 def plot_losses(output_dir: Path) -> str | None:
