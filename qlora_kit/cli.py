@@ -95,6 +95,10 @@ def _train_parser(sub: Any) -> None:
     t.add_argument("--force", action="store_true", help="train even if the plan does not fit; overwrite a previous run")
     t.add_argument("--gpus", type=int, help="train on N GPUs of this machine (relaunches under torchrun; train.gpus)")
     t.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-offload"], help="how N GPUs share the model")
+    t.add_argument("--nnodes", type=int, default=1, metavar="N", help="machines in the run (same command on each)")
+    t.add_argument("--node-rank", type=int, default=0, metavar="K", help="this machine's number, 0..N-1 (0 writes)")
+    t.add_argument("--master-addr", metavar="HOST", help="address of the --node-rank 0 machine (needed with --nnodes)")
+    t.add_argument("--master-port", type=int, metavar="PORT", help="free TCP port on that machine (default 29500)")
     _trust_arg(t)
 
 
@@ -362,10 +366,12 @@ def _train(args: argparse.Namespace) -> int:
         )
     if args.trust_remote_code:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, trust_remote_code=True))
-    if recipe.train.gpus > 1 and distributed.launched_world() == 1:  # one process per GPU, each back here
+    nodes = distributed.Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if distributed.needs_launch(recipe.train.gpus, nodes):  # one process per GPU, each back here
         argv = ["train", args.recipe, *[x for s in sets for x in ("--set", s)]]
         argv += ["--trust-remote-code"] * args.trust_remote_code
-        return distributed.relaunch(recipe.train.gpus, argv + ["--resume"] * args.resume + ["--force"] * args.force)
+        argv += ["--resume"] * args.resume + ["--force"] * args.force
+        return distributed.relaunch(recipe.train.gpus, argv, nodes)
     quiet_libraries()
     from qlora_kit.train.loop import train
 

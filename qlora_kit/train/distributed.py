@@ -13,8 +13,11 @@ Semantics the tests check: a run on N processes with micro-batch m sees exactly 
 one-process run with micro-batch N*m sees (rank r takes rows r*m .. (r+1)*m of each), so their losses
 agree; one checkpoint format (rank 0 writes, every rank reads); one PEFT adapter, saved once.
 
-``torchrun`` rather than ``accelerate launch``: without a config file, ``accelerate launch --cpu
---num_processes 2`` silently runs one process (STACK.md), and torchrun is what accelerate runs anyway.
+``train --gpus N`` relaunches under ``torchrun`` (``--nnodes/--node-rank/--master-*`` pass through to
+it for several machines). Any launcher that starts torchrun-style processes (RANK, WORLD_SIZE) works:
+torchrun itself, ``accelerate launch`` with a ``MULTI_GPU`` config (which runs torchrun). One that asks
+for several processes but starts a single plain one (accelerate's ``MULTI_CPU`` without MPI) is refused
+(:func:`refuse_lost_processes`). docs/several-machines.md.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +60,41 @@ class Dist:
 
 
 def launched_world() -> int:
-    """How many processes torchrun started (1 when it did not)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """How many processes torchrun started (1 when it did not); refuses a launcher that asked for
+    several processes but started this one alone (:func:`refuse_lost_processes`)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    refuse_lost_processes(os.environ)
+    return 1
+
+
+# the world sizes MPI launchers set (what accelerate reads under mpirun)
+MPI_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def refuse_lost_processes(env: Mapping[str, str]) -> None:
+    """A process started without torchrun's ``WORLD_SIZE`` by a launcher that asked for more.
+
+    ``accelerate launch`` with ``distributed_type: MULTI_CPU`` (or ``--cpu --num_processes N``) and no
+    MPI starts ONE plain process: it sets ``ACCELERATE_USE_CPU`` as always, and ``MASTER_ADDR`` /
+    ``MASTER_PORT`` only because more than one process or machine was asked for. Trained as it is,
+    that run would quietly have 1/N of the global batch. Under mpirun the MPI world size says it.
+    """
+    mpi = max((int(v) for k in MPI_SIZES if (v := env.get(k, "")).isdigit()), default=1)
+    if mpi > 1:
+        raise UsageError(
+            f"started by an MPI launcher as one of {mpi} processes, but qlora-kit joins only torchrun-style "
+            "runs (RANK, WORLD_SIZE); these processes would each train alone",
+            "launch with torchrun, or accelerate launch with a distributed_type: MULTI_GPU config "
+            "(docs/several-machines.md)",
+        )
+    if "ACCELERATE_USE_CPU" in env and ("MASTER_ADDR" in env or "MASTER_PORT" in env):
+        raise UsageError(
+            "accelerate launch asked for several processes but started only this one, without RANK or "
+            "WORLD_SIZE (its MULTI_CPU type needs MPI): it would train alone on part of the global batch",
+            "use an accelerate config with distributed_type: MULTI_GPU (gloo on a CPU) or torchrun "
+            "--nproc-per-node N -m qlora_kit train ...; for one process run qlora-kit train itself",
+        )
 
 
 def setup(strategy: str, device_kind: str) -> Dist:
@@ -268,13 +304,66 @@ def load_sharded(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict
 # -- launching --------------------------------------------------------------------------------------
 
 
-def launch_command(gpus: int, argv: Sequence[str]) -> list[str]:
+@dataclass(frozen=True)
+class Nodes:
+    """This machine's place among several (torchrun's ``--nnodes/--node-rank/--master-addr/--master-port``)."""
+
+    count: int = 1
+    rank: int = 0
+    addr: str | None = None
+    port: int | None = None
+
+    @property
+    def given(self) -> bool:
+        return self != Nodes()
+
+    def check(self, gpus: int) -> None:
+        """One line on values torchrun would reject late, or that would be silently ignored."""
+        n, k = self.count, self.rank
+        if n < 1:
+            raise UsageError(f"--nnodes {n}: a run needs at least one machine", "use --nnodes 1 or more")
+        if not 0 <= k < n:
+            raise UsageError(f"--node-rank {k} with --nnodes {n}: node ranks run 0..{n - 1}", _ONE_EACH)
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise UsageError(f"--master-port {self.port}: not a TCP port", "use a free port from 1 to 65535")
+        if self.addr is not None and (not self.addr or any(c.isspace() for c in self.addr)):
+            raise UsageError(f"--master-addr {self.addr!r}: not a host name or address", _MASTER)
+        if n > 1 and self.addr is None:
+            raise UsageError(f"--nnodes {n} needs --master-addr", _MASTER)
+        if n == 1 and gpus == 1 and (self.addr is not None or self.port is not None):
+            raise UsageError("--master-addr/--master-port: a one-process run starts no launcher", _SEVERAL)
+
+    def torchrun_args(self) -> list[str]:
+        if self.count == 1 and self.addr is None and self.port is None:
+            return ["--standalone"]  # one machine: torchrun picks a free port itself
+        addr, port = self.addr or "127.0.0.1", self.port or 29500
+        return [f"--nnodes={self.count}", f"--node-rank={self.rank}", f"--master-addr={addr}", f"--master-port={port}"]
+
+
+_ONE_EACH = "give each machine its own --node-rank, 0 on the one --master-addr names"
+_SEVERAL = "add --gpus N or --nnodes N, or leave them out"
+_MASTER = "pass --master-addr HOST of the --node-rank 0 machine, the same on every machine"
+
+
+def needs_launch(gpus: int, nodes: Nodes) -> bool:
+    """Whether ``train`` relaunches itself under torchrun: several processes asked for, none started yet."""
+    world = launched_world()
+    if world > 1 and nodes.given:
+        raise UsageError(
+            f"--nnodes/--node-rank/--master-*: this is already one of {world} processes a launcher started",
+            "give them to that launcher (torchrun --nnodes ...), not to qlora-kit train",
+        )
+    nodes.check(gpus)
+    return world == 1 and (gpus > 1 or nodes.count > 1)
+
+
+def launch_command(gpus: int, argv: Sequence[str], nodes: Nodes = Nodes()) -> list[str]:
     """The torchrun command that runs ``qlora-kit <argv>`` on ``gpus`` processes of this machine."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *nodes.torchrun_args(),
         f"--nproc_per_node={gpus}",
         "-m",
         "qlora_kit",
@@ -282,8 +371,9 @@ def launch_command(gpus: int, argv: Sequence[str]) -> list[str]:
     ]
 
 
-def relaunch(gpus: int, argv: Sequence[str]) -> int:
-    """Run ``qlora-kit <argv>`` under torchrun on ``gpus`` processes; their exit status."""
+def relaunch(gpus: int, argv: Sequence[str], nodes: Nodes = Nodes()) -> int:
+    """Run ``qlora-kit <argv>`` under torchrun on ``gpus`` processes of this machine (of
+    ``nodes.count`` machines in all); their exit status."""
     import subprocess
 
     if gpus > 1 and torch.cuda.is_available() and torch.cuda.device_count() < gpus:
@@ -291,4 +381,4 @@ def relaunch(gpus: int, argv: Sequence[str]) -> int:
             f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s)",
             f"use --gpus {torch.cuda.device_count()} or fewer",
         )
-    return subprocess.call(launch_command(gpus, argv))
+    return subprocess.call(launch_command(gpus, argv, nodes))
