@@ -39,7 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _plan_parser(sub: Any) -> None:
-    from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS
+    from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, ROPE_SCALINGS
 
     p = sub.add_parser(
         "plan",
@@ -57,6 +57,11 @@ def _plan_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, help="micro-batch size")
     p.add_argument("--effective-batch", type=int, default=16, help="micro-batch x accumulation (default 16)")
     p.add_argument("--seq-len", type=int)
+    p.add_argument(
+        "--rope-scaling",
+        choices=list(ROPE_SCALINGS),
+        help="stretch RoPE to a --seq-len past the model's context (factor: --seq-len / native length)",
+    )
     p.add_argument("--grad-ckpt", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--optimizer", choices=_auto(OPTIMIZERS), default="auto")
     p.add_argument("--attn", choices=ATTNS, default="sdpa")
@@ -78,6 +83,9 @@ def _plan_parser(sub: Any) -> None:
         choices=["expandable", "caching"],
         default="expandable",
         help="torch's CUDA allocator to plan for: expandable segments (what train sets) or the default caching",
+    )
+    p.add_argument(
+        "--max-seq", action="store_true", help="plan the longest --seq-len that fits the card with the other knobs"
     )
     p.add_argument("--sweep", metavar="KNOB=V1,V2", help="one plan per value side by side (e.g. rank=4,8,16,32,64)")
     p.add_argument("--json", action="store_true", help="print one JSON object (schema: docs/planner.md)")
@@ -202,13 +210,20 @@ def _plan(args: argparse.Namespace) -> int:
     device = resolve_gpu(args.gpu)
     model_name, constraints, data = _plan_inputs(args)
     arch = resolve_model(resolve(model_name))
-    if args.sweep:
+    if args.sweep and not args.max_seq:
         return _sweep(args, arch, device, constraints)
-    result = plan(arch, device, constraints)
+    extra: dict[str, object] = {}
+    if args.max_seq:
+        from qlora_kit.plan.maxseq import longest_context, max_seq_json
+
+        found = longest_context(arch, device, _open_seq(args, constraints))
+        result, extra = found.plan, {"max_seq": max_seq_json(found)}
+    else:
+        result = plan(arch, device, constraints)
     if args.write_recipe:
         _write_plan_recipe(args, result, model_name, data)
     if args.json:
-        print(json.dumps(plan_json(result), indent=2))
+        print(json.dumps({**plan_json(result), **extra}, indent=2))
     else:
         from qlora_kit import ui
 
@@ -236,13 +251,24 @@ def _plan_inputs(args: argparse.Namespace) -> tuple[str, Any, Any]:
     return model_name, constraints, data
 
 
+def _open_seq(args: argparse.Namespace, constraints: Any) -> Any:
+    """``--max-seq`` searches the sequence length: a recipe's is dropped, a ``--seq-len`` contradicts it."""
+    import dataclasses
+
+    if args.sweep:
+        raise UsageError("--max-seq makes one plan, --sweep several", "drop one of them")
+    if args.seq_len is not None:
+        raise UsageError("--max-seq searches the sequence length, --seq-len sets it", "drop one of them")
+    return dataclasses.replace(constraints, seq_len=None)
+
+
 def _recipe_constraints(args: argparse.Namespace) -> tuple[str, Any, Any]:
     from qlora_kit import recipe as recipes
     from qlora_kit.plan.recipes import to_constraints
 
     fixed = [
         f
-        for f in ("model", "quant", "rank", "targets", "batch_size", "seq_len", "optimizer", "dtype")
+        for f in ("model", "quant", "rank", "targets", "batch_size", "seq_len", "optimizer", "dtype", "rope_scaling")
         if getattr(args, f) not in (None, "auto")
     ]
     if fixed or args.grad_ckpt != "auto" or args.double_quant is not None:
@@ -282,6 +308,7 @@ def _flag_constraints(args: argparse.Namespace) -> Any:
         upcast=args.upcast,
         chunked_loss=args.chunked_loss,
         offload_ckpt=args.offload_ckpt,
+        rope_scaling=args.rope_scaling,
     )
 
 

@@ -14,6 +14,7 @@ ATTNS = ("sdpa", "eager")
 STRATEGIES = ("ddp", "fsdp", "fsdp-offload")  # how several GPUs share the model (qlora_kit.plan.multigpu)
 ALL_LINEAR = "all-linear"  # the LoRA target spec for every linear layer but the head
 UPCASTS = ("all", "selective")  # what k-bit preparation casts to fp32 (recipe ``quant.upcast``)
+ROPE_SCALINGS = ("linear", "dynamic", "yarn")  # stretching RoPE past the native context (qlora_kit.catalog.context)
 # rows of the head + cross-entropy computed at once by the chunked loss (``qlora_kit.model.savers``)
 LOSS_CHUNK_TOKENS = 1024
 

@@ -23,7 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from qlora_kit.errors import UsageError
-from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, STRATEGIES, UPCASTS
+from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, ROPE_SCALINGS, STRATEGIES, UPCASTS
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -36,6 +36,8 @@ class ModelSpec:
     revision: str = "main"
     trust_remote_code: bool = False
     random_init: bool = False  # build weights from the config (seeded by train.seed): demos and tests
+    # RoPE stretched to data.max_seq_len when that is past the native context (qlora_kit.catalog.context)
+    rope_scaling: str = field(default="none", metadata=_choices("none", *ROPE_SCALINGS))
 
 
 @dataclass(frozen=True)

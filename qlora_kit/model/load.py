@@ -100,13 +100,53 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def stretched_config(model: ModelSpec, seq_len: int | None) -> Any:
+    """The model's transformers config with RoPE stretched to ``seq_len`` as ``model.rope_scaling`` says, or
+    ``None`` when there is nothing to stretch (no scaling asked, no length given, or it fits the native context).
+
+    The factor is ``seq_len`` over the native ``max_position_embeddings``, which stays as it is: dynamic NTK
+    scaling reads it as the original length (``qlora_kit.catalog.context``)."""
+    from transformers import AutoConfig
+
+    from qlora_kit.catalog import context
+
+    if model.rope_scaling == "none" or seq_len is None:
+        return None
+    config = AutoConfig.from_pretrained(model.name, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    text = config.get_text_config()
+    native = getattr(text, "max_position_embeddings", None)
+    if not isinstance(native, int) or seq_len <= native or getattr(text, "alibi", False):
+        return None
+    current = getattr(text, "rope_parameters", None)
+    if not isinstance(current, dict) or "rope_theta" not in current:
+        raise UsageError(
+            f"model.rope_scaling={model.rope_scaling}: {model.name} has no rotary position embeddings to stretch",
+            f"set data.max_seq_len to {native} or less",
+        )
+    if current.get("rope_type", "default") != "default":
+        raise UsageError(
+            f"model.rope_scaling={model.rope_scaling}: {model.name} already scales RoPE ({current['rope_type']}) "
+            f"to its {native} tokens",
+            f"set data.max_seq_len to {native} or less",
+        )
+    text.rope_parameters = context.rope_parameters(model.rope_scaling, seq_len, native, current)
+    text.validate_rope()
+    return config
+
+
 def load_base(
-    model: ModelSpec, quant: QuantSpec, attn: str = "sdpa", device_map: Any = None, quant_storage: str | None = None
+    model: ModelSpec,
+    quant: QuantSpec,
+    attn: str = "sdpa",
+    device_map: Any = None,
+    quant_storage: str | None = None,
+    seq_len: int | None = None,
 ) -> PreTrainedModel:
     """Load the base model quantized as the spec says, with ``use_cache`` off for training.
 
     ``quant_storage`` packs 4-bit codes into that float dtype instead of uint8, so FSDP can shard them
-    (``qlora_kit.train.distributed``); the packed bytes are the same."""
+    (``qlora_kit.train.distributed``); the packed bytes are the same. ``seq_len`` is the longest sequence the
+    model will see: past the native context, ``model.rope_scaling`` stretches RoPE to it."""
     from transformers import AutoModelForCausalLM
 
     _check_local(model.name, model.revision, model.trust_remote_code)
@@ -125,6 +165,9 @@ def load_base(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
+        stretched = stretched_config(model, seq_len)
+        if stretched is not None:
+            kwargs["config"] = stretched
         base = AutoModelForCausalLM.from_pretrained(model.name, **kwargs)
     except OSError as exc:
         raise UsageError(

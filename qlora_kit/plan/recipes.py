@@ -36,6 +36,7 @@ def to_constraints(recipe: Recipe) -> Constraints:
         offload_ckpt=t.offload_ckpt,
         gpus=t.gpus,
         strategy=t.strategy,
+        rope_scaling=None if recipe.model.rope_scaling == "none" else recipe.model.rope_scaling,
     )
 
 
@@ -46,7 +47,7 @@ def from_plan(plan: Plan, model_name: str, data: DataSpec | None = None, output_
     data = data or DataSpec()
     slug = model_name.rstrip("/").rsplit("/", 1)[-1].lower()
     return Recipe(
-        model=ModelSpec(name=model_name),
+        model=ModelSpec(name=model_name, rope_scaling=plan.rope_scaling),
         quant=QuantSpec(mode=s.quant, double_quant=s.double_quant, compute_dtype=s.dtype, upcast=s.upcast),
         lora=LoraSpec(
             rank=s.rank,

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from qlora_kit.catalog import context
 from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.catalog.gpus import GIB, DeviceSpec, gpu_table
 from qlora_kit.catalog.readers import DEFAULT_TARGETS
@@ -59,6 +60,7 @@ class Constraints:
     gpus: int = 1  # GPUs available; the search prefers the fewest that fit (qlora_kit.plan.multigpu)
     strategy: str | None = None  # ddp | fsdp | fsdp-offload; None: searched
     allocator: str = "expandable"  # expandable (what train sets) | caching (qlora_kit.plan.allocator)
+    rope_scaling: str | None = None  # linear | dynamic | yarn: a seq_len past the native context (catalog.context)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
     allocator: str = "expandable"
+    rope_scaling: str = "none"  # what the recipe's model.rope_scaling says: set only when the context is stretched
 
     @property
     def limit_bytes(self) -> int:
@@ -146,8 +149,6 @@ def _validate(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> None:
     ):
         if value is not None and value < 1:
             problems.append(f"{name} must be a positive integer, got {value}")
-    if c.seq_len and arch.max_positions and c.seq_len > arch.max_positions:
-        problems.append(f"--seq-len {c.seq_len} is longer than {arch.name} allows ({arch.max_positions})")
     if c.double_quant and c.quant in ("none", "int8"):
         problems.append(f"--double-quant applies to 4-bit bases only, not --quant {c.quant}")
     if c.dtype == "bf16" and not device.bf16:
@@ -162,6 +163,9 @@ def _validate(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> None:
         problems.append("--offload-ckpt offloads gradient checkpoints: it needs --grad-ckpt")
     if problems:
         raise UsageError("; ".join(problems), "see `qlora-kit plan --help`")
+    context.check_context(
+        context.of_arch(arch), c.seq_len or default_seq_len(arch), c.rope_scaling, "--seq-len", "--rope-scaling"
+    )
 
 
 def resolve_targets(arch: ArchSpec, spec: str | None) -> tuple[str, tuple[str, ...]]:
@@ -275,8 +279,8 @@ def plan(arch: ArchSpec, device: DeviceSpec, c: Constraints) -> Plan:
             reasons = multigpu.reasons(best.estimate, c.gpus, best.gpus, best.strategy)
             if savers:
                 reasons.append("memory savers: nothing fits without " + "; ".join(savers))
-            why = reasons + _reasons(arch, best, cands, device, step)
-            return Plan(arch, device, best, True, runners, why, [], c.allocator)
+            why = reasons + _reasons(arch, best, cands, device, step) + _context_reasons(arch, best.setup.seq_len, c)
+            return Plan(arch, device, best, True, runners, why, [], c.allocator, _rope(arch, best.setup.seq_len, c))
     c = step
     smallest = min(cands, key=lambda x: x.estimate.device_bytes)
     return Plan(
@@ -288,7 +292,24 @@ def plan(arch: ArchSpec, device: DeviceSpec, c: Constraints) -> Plan:
         [],
         _notes(arch, smallest.setup) + _advice(arch, c, device, smallest),
         c.allocator,
+        _rope(arch, smallest.setup.seq_len, c),
     )
+
+
+def _rope(arch: ArchSpec, seq_len: int, c: Constraints) -> str:
+    """The RoPE scaling a plan trains with: the asked-for kind when the sequence is past the native context."""
+    native = arch.max_positions
+    return c.rope_scaling if c.rope_scaling and native and seq_len > native else "none"
+
+
+def _context_reasons(arch: ArchSpec, seq_len: int, c: Constraints) -> list[str]:
+    native = arch.max_positions
+    if not c.rope_scaling or not native:
+        return []
+    if seq_len <= native:
+        return [f"--rope-scaling {c.rope_scaling} not applied: {seq_len} tokens are within the native {native}"]
+    factor = context.rope_factor(seq_len, native)
+    return [f"context {seq_len} tokens: {c.rope_scaling} RoPE scaling, factor {factor:.2f} over the native {native}"]
 
 
 def _runners_up(best: Candidate, rest: list[Candidate], n: int = 3) -> list[Candidate]:
@@ -411,6 +432,7 @@ def plan_json(p: Plan) -> dict[str, object]:
         "gpus": p.best.gpus,
         "strategy": p.best.strategy,
         "allocator": p.allocator,
+        "rope_scaling": p.rope_scaling,
         "placement": multigpu.placement(est, p.best.gpus, p.best.strategy),
         "choice": {**p.best.choice(), **p.best.switches()},
         "breakdown": dict(est.breakdown),

@@ -277,7 +277,8 @@ def _build_model(run: Run) -> None:
     torch.manual_seed(t.seed)  # the LoRA init: the same whatever ran before in this process
     storage = distributed.quant_storage(dist, recipe.quant.compute_dtype)
     spec = dc.replace(recipe.model, name=run.model_name, random_init=False)
-    model = load_base(spec, recipe.quant, t.attn, distributed.device_map(dist, run.device.kind), storage)
+    device_map = distributed.device_map(dist, run.device.kind)
+    model = load_base(spec, recipe.quant, t.attn, device_map, storage, recipe.data.max_seq_len)
     model = apply_lora(prepare(model, recipe.quant, t.grad_ckpt, t.offload_ckpt), recipe.lora)
     trainable, total_params = count_parameters(model)  # packed 4-bit storage counted as its weights
     run.reporter.message(

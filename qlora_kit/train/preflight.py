@@ -93,25 +93,19 @@ def check_resumable(recipe: Recipe, path: Path) -> None:
             )
 
 
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
-
-
 def check_context(recipe: Recipe, model_dir: str) -> None:
-    """Refuse ``data.max_seq_len`` beyond the model's context (when its config.json is at hand)."""
+    """Refuse ``data.max_seq_len`` beyond the model's context unless ``model.rope_scaling`` stretches its
+    RoPE (when its config.json is at hand; loading checks again: ``qlora_kit.model.load``)."""
+    from qlora_kit.catalog import context
     from qlora_kit.model.load import read_config
 
     path = Path(model_dir) / "config.json"
-    if not path.is_file() or getattr(recipe.model, "rope_scaling", None):
+    if not path.is_file():
         return
-    config = read_config(path)
-    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
-    key = next((k for k in CONTEXT_KEYS if isinstance(config.get(k), int) and config[k] > 0), None)
-    if key is not None and recipe.data.max_seq_len > config[key]:
-        raise UsageError(
-            f"data.max_seq_len={recipe.data.max_seq_len} is beyond the model's context of {config[key]} tokens "
-            f"({key} in {path})",
-            f"set data.max_seq_len to {config[key]} or less",
-        )
+    ctx = context.of_config(read_config(path), str(path.parent))
+    context.check_context(
+        ctx, recipe.data.max_seq_len, recipe.model.rope_scaling, "data.max_seq_len", "model.rope_scaling"
+    )
 
 
 def check_eval_split(recipe: Recipe, examples: list[Any], pad_id: int) -> None:
