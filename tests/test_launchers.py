@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 
 from qlora_kit.errors import UsageError
-from qlora_kit.train.distributed import Nodes, launch_command, needs_launch, refuse_lost_processes
+from qlora_kit.train.distributed import (
+    Nodes,
+    launch_command,
+    needs_launch,
+    refuse_lost_processes,
+    refuse_unread_settings,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "recipes" / "tiny" / "cpu_demo.yaml")
@@ -192,6 +198,15 @@ def test_the_silent_single_process_is_told_from_a_real_one():
     refuse_lost_processes({})  # qlora-kit train, no launcher
     with pytest.raises(UsageError, match="one of 4 processes"):
         refuse_lost_processes({**MULTI_CPU_ENV, "OMPI_COMM_WORLD_SIZE": "4"})  # under mpirun
+
+
+def test_accelerate_settings_qlora_kit_does_not_read_are_refused():
+    with pytest.raises(UsageError, match="DeepSpeed"):
+        refuse_unread_settings({"ACCELERATE_USE_DEEPSPEED": "true"}, "ddp")
+    with pytest.raises(UsageError, match="--strategy fsdp"):
+        refuse_unread_settings({"ACCELERATE_USE_FSDP": "true"}, "ddp")
+    refuse_unread_settings({"ACCELERATE_USE_FSDP": "true"}, "fsdp-offload")  # what the recipe does anyway
+    refuse_unread_settings(MULTI_CPU_ENV, "ddp")
 
 
 def test_launched_world_refuses_the_multi_cpu_environment(monkeypatch):

@@ -102,6 +102,7 @@ def setup(strategy: str, device_kind: str) -> Dist:
     import torch.distributed as dist
 
     world = launched_world()
+    refuse_unread_settings(os.environ, strategy)
     if world == 1:
         return Dist(strategy=strategy)
     if not dist.is_initialized():
@@ -299,6 +300,22 @@ def load_sharded(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict
     scheduler.load_state_dict(sched)
     checkpoint.restore_rng(path, rng)
     return state
+
+
+def refuse_unread_settings(env: Mapping[str, str], strategy: str) -> None:
+    """An ``accelerate launch`` config asking for FSDP or DeepSpeed: qlora-kit reads neither (the recipe's
+    ``train.strategy`` decides), so a run that silently did something else is refused."""
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        raise UsageError(
+            "the accelerate config asks for DeepSpeed, which qlora-kit does not use",
+            "use distributed_type: MULTI_GPU and the recipe's train.strategy (ddp, fsdp, fsdp-offload)",
+        )
+    if env.get("ACCELERATE_USE_FSDP") == "true" and not strategy.startswith("fsdp"):
+        raise UsageError(
+            f"the accelerate config asks for FSDP but the recipe trains with train.strategy={strategy} "
+            "(qlora-kit reads no fsdp_config)",
+            "pass --strategy fsdp (or fsdp-offload), or use distributed_type: MULTI_GPU",
+        )
 
 
 # -- launching --------------------------------------------------------------------------------------
