@@ -386,6 +386,7 @@ def load_trained_base(
 ) -> tuple[Any, QuantSource]:
     """The base as training loaded it: ``load_base`` with the recorded quantization and the recipe's
     k-bit preparation choices (which parameters go fp32); returns it and its exact quantization."""
+    from qlora_kit.knobs import ROPE_SCALINGS
     from qlora_kit.model.load import load_base
     from qlora_kit.model.lora import prepare
     from qlora_kit.recipe import ModelSpec, QuantSpec
@@ -400,8 +401,17 @@ def load_trained_base(
             "compute_dtype": qsource.compute_dtype or _stored_dtype(base_path),
         }
     )
-    spec = ModelSpec(name=str(base_path), trust_remote_code=trust_remote_code)
-    loaded = prepare(load_base(spec, qspec, device_map=device_map), qspec, False)
+    # RoPE stretched as training stretched it (model.rope_scaling to data.max_seq_len): other rotary
+    # frequencies would be another model
+    rope = metadata.recipe_section("model").get("rope_scaling") if metadata else None
+    seq_len = metadata.recipe_section("data").get("max_seq_len") if metadata else None
+    spec = ModelSpec(
+        name=str(base_path),
+        trust_remote_code=trust_remote_code,
+        rope_scaling=rope if rope in ROPE_SCALINGS else "none",
+    )
+    base = load_base(spec, qspec, device_map=device_map, seq_len=seq_len if isinstance(seq_len, int) else None)
+    loaded = prepare(base, qspec, False)
     return loaded, QuantSource(qspec.mode, qspec.double_quant, qspec.compute_dtype)
 
 

@@ -273,6 +273,31 @@ def test_training_past_the_native_context_with_yarn(tmp_path: Path, monkeypatch:
     assert max(seen) == 64  # positions 0..63 went through the stretched rotary embedding
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] == r["loss"] and r["loss"] < 100 for r in rows)
+    _generate_loads_the_stretched_base(tmp_path / "run", result.model)
+
+
+def _generate_loads_the_stretched_base(run: Path, trained) -> None:
+    """generate/eval load the adapter's base stretched as training did: the same logits at every position;
+    the base loaded unstretched gives others (so the comparison can fail)."""
+    import torch
+    from peft import PeftModel
+
+    from qlora_kit.adapter import load_for_inference, read_metadata
+    from qlora_kit.model.load import load_base
+    from qlora_kit.recipe import ModelSpec, QuantSpec
+
+    loaded, _, _ = load_for_inference(adapter=str(run))
+    ids = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+    meta = read_metadata(run)
+    assert meta is not None and meta.recipe_section("model")["rope_scaling"] == "yarn"
+    plain = PeftModel.from_pretrained(
+        load_base(ModelSpec(name=str(meta.base_model)), QuantSpec(mode="nf4", compute_dtype="fp32")), run
+    ).eval()
+    with torch.no_grad():
+        expected = trained.eval()(input_ids=ids).logits
+        got, unstretched = loaded(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
+    assert not torch.allclose(expected, unstretched, atol=1e-3)
 
 
 class _Quiet:
