@@ -19,13 +19,12 @@ import doc_section
 
 from qlora_kit.catalog.models import lookup
 from qlora_kit.knobs import TrainSetup
-from qlora_kit.measure.published import UNITS, WEIGHTS, Comparison, markdown_table
+from qlora_kit.measure.published import UNITS, WEIGHTS, Comparison, gpu_family, markdown_table
 from qlora_kit.plan.memory import Estimate
 from qlora_kit.plan.multigpu import per_gpu
 
 PAGE = "docs/published.md"
 START, END = "<!-- multigpu:start -->", "<!-- multigpu:end -->"
-LORA_TERMS = ("lora_params", "lora_grads", "optimizer_state")
 
 
 def rows() -> list[dict[str, str]]:
@@ -56,11 +55,12 @@ def row_setup(row: dict[str, str]) -> TrainSetup:
 
 
 def predict(row: dict[str, str]) -> float:
-    est = per_gpu(lookup(row["model"]), row_setup(row), int(row["gpus"]), row["strategy"], "caching")  # other stacks
+    # Answer.AI's "bf16" precision keeps the LoRA weights, gradients and Adam state in bf16 (lora_bytes=2)
+    lora_bytes = 2 if row["lora_dtype"] == "bf16" else 4
+    strategy, gpus = row["strategy"], int(row["gpus"])
+    est = per_gpu(lookup(row["model"]), row_setup(row), gpus, strategy, "caching", gpu_family(row["gpu"]), lora_bytes)
     b = dict(est.breakdown)
     adjust = 0
-    if row["lora_dtype"] == "bf16":  # Answer.AI's "bf16" precision: LoRA weights, grads and Adam state in bf16
-        adjust -= sum(b[k] for k in LORA_TERMS) // 2
     if "NO_SHARD" in row["implementation"]:  # FSDP's NO_SHARD has no DistributedDataParallel buckets
         adjust -= b.get("ddp_buckets", 0)
     return _quantity(est, row["quantity"], adjust) / UNITS[row["unit"]]

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+from qlora_kit.catalog.gpus import resolve_gpu
 from qlora_kit.catalog.models import lookup
+from qlora_kit.errors import UsageError
 from qlora_kit.knobs import TrainSetup
 from qlora_kit.plan.memory import Estimate, estimate
 
@@ -93,6 +95,14 @@ def _quantity(est: Estimate, quantity: str) -> int:
     raise ValueError(f"unknown quantity {quantity!r}")
 
 
+def gpu_family(name: str) -> str:
+    """The generation of the card a row names ("A100-40GB", "2x RTX 3090"), "" when none is named or known."""
+    try:
+        return resolve_gpu(name.split("x ", 1)[-1]).family if name else ""
+    except UsageError:
+        return ""
+
+
 def compare() -> list[Comparison]:
     out = []
     for row in published_rows():
@@ -100,7 +110,8 @@ def compare() -> list[Comparison]:
         arch = lookup(row["model"])
         if row["id"] in LITGPT_2023 | LITGPT_2024:
             arch = dataclasses.replace(arch, config={**arch.config, "hidden_act": "gelu_pytorch_tanh"})
-        est = estimate(arch, setup, allocator="caching")  # measured with torch's default allocator
+        # measured with torch's default allocator, on the row's card (its generation sets the cuBLAS workspace)
+        est = estimate(arch, setup, allocator="caching", family=gpu_family(row["gpu"]))
         predicted = _quantity(est, row["quantity"]) / UNITS[row["unit"]]
         setting = (
             f"{row['weights']}, r={row['lora_rank'] or '-'}, b={row['micro_batch'] or '-'}, "

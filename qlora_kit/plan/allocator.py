@@ -22,8 +22,14 @@ Every rule and constant below is read from ``c10/cuda/CUDACachingAllocator.cpp``
   out-of-memory the free pages are unmapped.
 
 ``reserved`` is the bytes of segments (mapped pages) held, what ``torch.cuda.memory_reserved`` reports;
-``allocated`` is the rounded block sizes in use (``memory_allocated``). One stream only: training here runs
-on the default stream.
+``allocated`` is the rounded block sizes in use (``memory_allocated``).
+
+Streams: a block belongs to the stream it was allocated on, and a request only takes cached blocks of its own
+stream (the free-block order compares the stream first, ``BlockComparatorSize``); each stream grows its own
+expandable segment. A block freed while another stream still uses it (``record_stream``) leaves ``allocated``
+at once but returns to the cache only when that stream's recorded event completes (``insert_events`` /
+``process_events``): :meth:`Allocator.free` with ``deferred=True``, then :meth:`Allocator.ready`.
+:meth:`Allocator.reset_peaks` is ``torch.cuda.reset_peak_memory_stats``: the peaks restart at the current values.
 """
 
 from __future__ import annotations
@@ -60,17 +66,20 @@ def segment_size(size: int) -> int:
     return -(-size // ROUND_LARGE) * ROUND_LARGE
 
 
-class _Block:
-    __slots__ = ("addr", "free", "next", "prev", "size", "small")
+Pool = tuple[int, bool]  # (stream, small pool?)
 
-    def __init__(self, addr: int, size: int, small: bool) -> None:
-        self.addr, self.size, self.small = addr, size, small
+
+class _Block:
+    __slots__ = ("addr", "free", "next", "pool", "prev", "size")
+
+    def __init__(self, addr: int, size: int, pool: Pool) -> None:
+        self.addr, self.size, self.pool = addr, size, pool
         self.free = True
         self.prev: _Block | None = None
         self.next: _Block | None = None
 
 
-_KEY = _Block(-1, 0, False)
+_KEY = _Block(-1, 0, (0, False))
 
 
 class Allocator:
@@ -83,27 +92,28 @@ class Allocator:
     def __init__(self, expandable: bool = False, limit: int | None = None) -> None:
         self.expandable, self.limit = expandable, limit
         self.reserved = self.allocated = self.peak_reserved = self.peak_allocated = 0
-        self._free: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}  # (size, addr, block)
+        self._free: dict[Pool, list[tuple[int, int, _Block]]] = {}  # per pool: (size, addr, block), sorted
         self._live: dict[int, _Block] = {}
+        self._pending: dict[int, _Block] = {}  # freed with deferred=True, not yet back in the cache
         self._next_handle = 0
         self._next_addr = 0
         # expandable: per pool, the end of the mapped range and the last block (free or not) in it
-        self._end: dict[bool, int] = {True: 0, False: 0}
-        self._tail: dict[bool, _Block | None] = {True: None, False: None}
-        self._base: dict[bool, int] = {}
+        self._end: dict[Pool, int] = {}
+        self._tail: dict[Pool, _Block | None] = {}
+        self._base: dict[Pool, int] = {}
 
     # -- the cached free blocks ------------------------------------------------------------------------
 
     def _insert(self, b: _Block) -> None:
         b.free = True
-        bisect.insort(self._free[b.small], (b.size, b.addr, b))
+        bisect.insort(self._free.setdefault(b.pool, []), (b.size, b.addr, b))
 
     def _remove(self, b: _Block) -> None:
-        pool = self._free[b.small]
+        pool = self._free[b.pool]
         del pool[bisect.bisect_left(pool, (b.size, b.addr, b))]  # free addresses are unique: blocks never compared
 
-    def _best_fit(self, size: int, small: bool) -> _Block | None:
-        pool = self._free[small]
+    def _best_fit(self, size: int, key: Pool) -> _Block | None:
+        pool = self._free.get(key, [])
         i = bisect.bisect_left(pool, (size, -1, _KEY))  # before every block of that size
         return pool[i][2] if i < len(pool) else None
 
@@ -116,34 +126,35 @@ class Allocator:
         self.peak_reserved = max(self.peak_reserved, self.reserved)
         return True
 
-    def _new_segment(self, size: int, small: bool) -> _Block | None:
+    def _new_segment(self, size: int, key: Pool) -> _Block | None:
         seg = segment_size(size)
         if not self._reserve(seg):
             self.release_cache()
             if not self._reserve(seg):
                 return None
-        b = _Block(self._next_addr, seg, small)
+        b = _Block(self._next_addr, seg, key)
         self._next_addr += seg + LARGE_BUFFER  # segments are never adjacent
         return b
 
-    def _grow(self, size: int, small: bool) -> _Block | None:
+    def _grow(self, size: int, key: Pool) -> _Block | None:
         """Expandable: map pages at the end of the pool's segment so that its free tail holds ``size``."""
-        page = SMALL_BUFFER if small else LARGE_BUFFER
-        tail = self._tail[small]
+        page = SMALL_BUFFER if key[1] else LARGE_BUFFER
+        tail = self._tail.get(key)
         have = tail.size if tail is not None and tail.free else 0
         pages = -(-(size - have) // page)
         if not self._reserve(pages * page):
             self.release_cache()
-            tail = self._tail[small]
+            tail = self._tail.get(key)
             have = tail.size if tail is not None and tail.free else 0
             pages = -(-(size - have) // page)
             if not self._reserve(pages * page):
                 return None
-        if small not in self._base:
-            self._base[small] = self._next_addr
+        if key not in self._base:
+            self._base[key] = self._next_addr
             self._next_addr += 1 << 50  # the segment's reserved address space
-        grown = _Block(self._base[small] + self._end[small], pages * page, small)
-        self._end[small] += pages * page
+        end = self._end.get(key, 0)
+        grown = _Block(self._base[key] + end, pages * page, key)
+        self._end[key] = end + pages * page
         if tail is not None and tail.free:
             self._remove(tail)
             tail.size += grown.size
@@ -151,57 +162,59 @@ class Allocator:
         grown.prev = tail
         if tail is not None:
             tail.next = grown
-        self._tail[small] = grown
+        self._tail[key] = grown
         return grown
 
     def release_cache(self) -> None:
         """Return cached memory to the device: every entirely free segment (caching), or every free page at
         the end of an expandable segment (``torch.cuda.empty_cache``, and the out-of-memory retry)."""
-        for small in (True, False):
+        for key in list(self._free):
             if self.expandable:
-                tail = self._tail[small]
+                tail = self._tail.get(key)
                 if tail is None or not tail.free:
                     continue
-                page = SMALL_BUFFER if small else LARGE_BUFFER
-                keep = -(-(self._end[small] - tail.size) // page) * page - (self._end[small] - tail.size)
+                page = SMALL_BUFFER if key[1] else LARGE_BUFFER
+                used = self._end[key] - tail.size
+                keep = -(-used // page) * page - used
                 drop = tail.size - keep
                 self._remove(tail)
                 self.reserved -= drop
-                self._end[small] -= drop
+                self._end[key] -= drop
                 tail.size = keep
                 if keep:
                     self._insert(tail)
                 else:
-                    self._tail[small] = tail.prev
+                    self._tail[key] = tail.prev
                     if tail.prev is not None:
                         tail.prev.next = None
                 continue
-            whole = [t for t in self._free[small] if t[2].prev is None and t[2].next is None]
+            whole = [t for t in self._free[key] if t[2].prev is None and t[2].next is None]
             for t in whole:
                 self._remove(t[2])
                 self.reserved -= t[2].size
 
     # -- the interface ---------------------------------------------------------------------------------
 
-    def malloc(self, nbytes: int) -> int:
-        """Allocate ``nbytes``; raise :class:`OutOfMemory` if it cannot be held within ``limit``."""
+    def malloc(self, nbytes: int, stream: int = 0) -> int:
+        """Allocate ``nbytes`` on ``stream``; raise :class:`OutOfMemory` if it cannot be held within ``limit``."""
         size = round_size(nbytes)
         small = size <= SMALL_SIZE
-        b = self._best_fit(size, small)
+        key = (stream, small)
+        b = self._best_fit(size, key)
         if b is not None:
             self._remove(b)
         else:
-            b = self._grow(size, small) if self.expandable else self._new_segment(size, small)
+            b = self._grow(size, key) if self.expandable else self._new_segment(size, key)
             if b is None:
                 raise OutOfMemory(nbytes)
         rest = b.size - size
         if rest >= MIN_BLOCK if (small or self.expandable) else rest > SMALL_SIZE:
-            r = _Block(b.addr + size, rest, small)
+            r = _Block(b.addr + size, rest, key)
             r.prev, r.next = b, b.next
             if b.next is not None:
                 b.next.prev = r
-            elif self.expandable and self._tail[small] is b:
-                self._tail[small] = r
+            elif self.expandable and self._tail.get(key) is b:
+                self._tail[key] = r
             b.next, b.size = r, size
             self._insert(r)
         b.free = False
@@ -211,10 +224,24 @@ class Allocator:
         self._live[self._next_handle] = b
         return self._next_handle
 
-    def free(self, handle: int) -> None:
-        """Free an allocation: its block merges with free neighbours of the same segment and stays cached."""
+    def free(self, handle: int, deferred: bool = False) -> None:
+        """Free an allocation: its block merges with free neighbours of the same segment and stays cached.
+        ``deferred``: another stream still uses it, so it leaves ``allocated`` now and the cache at :meth:`ready`."""
         b = self._live.pop(handle)
         self.allocated -= b.size
+        if deferred:
+            self._pending[handle] = b
+            return
+        self._cache(b)
+
+    def ready(self, handle: int) -> None:
+        """The stream event a deferred free waited for has completed: the block returns to the cache."""
+        self._cache(self._pending.pop(handle))
+
+    def reset_peaks(self) -> None:
+        self.peak_reserved, self.peak_allocated = self.reserved, self.allocated
+
+    def _cache(self, b: _Block) -> None:
         for n in (b.prev, b.next):
             if n is None or not n.free:
                 continue
@@ -227,8 +254,8 @@ class Allocator:
                 b.next = n.next
                 if n.next is not None:
                     n.next.prev = b
-                elif self._tail[b.small] is n:
-                    self._tail[b.small] = b
+                elif self._tail.get(b.pool) is n:
+                    self._tail[b.pool] = b
             b.size += n.size
         self._insert(b)
 
@@ -241,17 +268,28 @@ class Replay:
     peak_allocated: int
 
 
-Event = tuple[str, int]  # ("+", bytes) allocates the next tensor; ("-", index of the "+" event) frees it
+# ("+", bytes[, stream]) allocates; ("-", i) frees what the i-th event (counting every event from 0) allocated;
+# ("~", i) frees it deferred (another stream still uses it) and a later ("-", i) returns it to the cache;
+# ("r", 0) resets the peaks (torch.cuda.reset_peak_memory_stats).
+Event = tuple[str, int] | tuple[str, int, int]
 
 
 def replay(events: Iterable[Event], expandable: bool = False, limit: int | None = None) -> Replay:
-    """Run a sequence of events through an :class:`Allocator`. ``("+", n)`` allocates ``n`` bytes; ``("-", i)``
-    frees what the ``i``-th event (counting every event from 0) allocated."""
+    """Run a sequence of events (above) through an :class:`Allocator`."""
     a = Allocator(expandable, limit)
     handles: dict[int, int] = {}
-    for i, (op, n) in enumerate(events):
+    for i, ev in enumerate(events):
+        op, n = ev[0], ev[1]
         if op == "+":
-            handles[i] = a.malloc(n)
+            handles[i] = a.malloc(n, ev[2] if len(ev) > 2 else 0)
+        elif op == "~":
+            a.free(handles[n], deferred=True)
+        elif op == "-":
+            h = handles.pop(n)
+            if h in a._pending:
+                a.ready(h)
+            else:
+                a.free(h)
         else:
-            a.free(handles.pop(n))
+            a.reset_peaks()
     return Replay(a.peak_reserved, a.peak_allocated)

@@ -43,11 +43,20 @@ DQ_CODE_BYTES = 256 * 4 + 4
 MIN_8BIT_SIZE = 4096
 OPT8_BLOCK = 256
 OPT8_QMAP_BYTES = 2 * 256 * 4
-# CUDA context with lazy module loading (CUDA >= 11.7) and torch's kernels: about 0.5 GiB on
-# Ampere/Hopper cards (nvidia-smi with an idle torch process). An assumption until measured on a GPU.
+# CUDA context: an assumption until measured on a GPU. The documented figures are for a bare context, before a
+# training step lazily loads its kernels (CUDA_MODULE_LOADING=LAZY, CUDA 11.7+, torch sets it since 1.13):
+# 287,047,680 B lazy vs 666,632,192 B eager (pytorch/pytorch#86509), "around 400MB" with lazy loading
+# (pytorch/pytorch#109888, 2023), 426 MiB on an RTX 6000 Ada with torch 2.10 + CUDA 13.0 (unslothai/unsloth-zoo#1053).
+# No per-generation figure was found; 512 MiB stays above all of them for the kernels a step loads.
 CUDA_CONTEXT_BYTES = 512 * MIB
-# cuBLAS workspaces come from torch's caching allocator, so they count as allocated memory.
+# One cuBLAS workspace (aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize; CUBLAS_WORKSPACE_CONFIG
+# unset): ":4096:8" = 32 MiB on compute capability 9.x, 10.x and 12.x (Hopper, Blackwell), else ":4096:2:16:8" =
+# 8 MiB + 128 KiB. Torch keys workspaces by (handle, stream) and handles by thread, and the backward runs on
+# autograd's device thread, so a training step holds two (qlora_kit.plan.steptrace). They come from the caching
+# allocator, so they count as allocated. The cuBLASLt workspace (1 MiB, CUBLASLT_WORKSPACE_SIZE) is left out.
 CUBLAS_WORKSPACE_BYTES = 32 * MIB
+CUBLAS_WORKSPACE_SMALL = 4096 * 1024 * 2 + 16 * 1024 * 8
+CUBLAS_32MIB_FAMILIES = ("Hopper", "Blackwell")
 # Reserved - allocated under ``expandable_segments:True`` (what ``train`` sets): at most one partly used
 # page per pool, 20 MiB (large) + 2 MiB (small). The replay of a step (``qlora_kit.plan.steptrace``) stays
 # within it (tests/test_allocator.py); free pages beyond it are unmapped before an out-of-memory error.
@@ -190,15 +199,26 @@ def offloaded_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
     return offloaded
 
 
-def slack_bytes(arch: ArchSpec, setup: TrainSetup, allocator: str = "expandable") -> int:
+def cublas_workspace_bytes(family: str = "") -> int:
+    """One cuBLAS workspace on a card of ``family`` (:data:`CUBLAS_WORKSPACE_BYTES`'s note); 32 MiB if unknown."""
+    known = family and family not in CUBLAS_32MIB_FAMILIES and not family.startswith("CDNA")
+    return CUBLAS_WORKSPACE_SMALL if known else CUBLAS_WORKSPACE_BYTES
+
+
+def slack_bytes(arch: ArchSpec, setup: TrainSetup, allocator: str = "expandable", family: str = "") -> int:
     """Reserved - allocated at the peak: :data:`EXPANDABLE_SLACK` with expandable segments, else the caching
     allocator's replay of two training steps (:func:`qlora_kit.plan.steptrace.allocator_slack`)."""
-    return EXPANDABLE_SLACK if allocator == "expandable" else allocator_slack(arch, setup, allocator)
+    if allocator == "expandable":
+        return EXPANDABLE_SLACK
+    return allocator_slack(arch, setup, allocator, cublas_workspace_bytes(family))
 
 
-def estimate(arch: ArchSpec, setup: TrainSetup, device: str = "cuda", allocator: str = "expandable") -> Estimate:
+def estimate(
+    arch: ArchSpec, setup: TrainSetup, device: str = "cuda", allocator: str = "expandable", family: str = ""
+) -> Estimate:
     """Add the terms into the three reported quantities (see the module docstring); ``allocator`` is
-    ``expandable`` (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, what ``train`` sets) or ``caching``.
+    ``expandable`` (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, what ``train`` sets) or ``caching``;
+    ``family`` is the card's generation (``DeviceSpec.family``: the cuBLAS workspace size), "" if unknown.
 
     ``device="cpu"`` describes a step on the CPU instead (what ``tools/measure_memory.py`` checks the
     model against): CPU kernels' dtypes in the activation terms, and no cuBLAS workspace, allocator
@@ -214,10 +234,10 @@ def estimate(arch: ArchSpec, setup: TrainSetup, device: str = "cuda", allocator:
         "lora_grads": lora_grad_bytes(arch, setup),
         "optimizer_state": 0 if setup.paged else opt,
         **activation_peak_terms(arch, setup, device),
-        "cublas_workspace": CUBLAS_WORKSPACE_BYTES if cuda else 0,
+        "cublas_workspace": 2 * cublas_workspace_bytes(family) if cuda else 0,
     }
     allocated = sum(breakdown.values())
-    slack = slack_bytes(arch, setup, allocator) if cuda else 0
+    slack = slack_bytes(arch, setup, allocator, family) if cuda else 0
     breakdown["allocator_slack"] = slack
     breakdown["cuda_context"] = CUDA_CONTEXT_BYTES if cuda else 0
     reserved = allocated + slack

@@ -30,7 +30,8 @@ import math
 
 from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.knobs import STRATEGIES, TrainSetup
-from qlora_kit.plan.memory import Estimate, estimate
+from qlora_kit.plan.fsdptrace import fsdp_slack
+from qlora_kit.plan.memory import Estimate, cublas_workspace_bytes, estimate
 
 SHARDED = ("linear_weights", "other_params", "lora_params", "lora_grads", "optimizer_state")
 GATHERED_LAYERS = 2
@@ -54,18 +55,29 @@ def gathered_bytes(arch: ArchSpec, est: Estimate) -> int:
 
 
 def per_gpu(
-    arch: ArchSpec, setup: TrainSetup, gpus: int = 1, strategy: str = "ddp", allocator: str = "expandable"
+    arch: ArchSpec,
+    setup: TrainSetup,
+    gpus: int = 1,
+    strategy: str = "ddp",
+    allocator: str = "expandable",
+    family: str = "",
+    lora_bytes: int = 4,
 ) -> Estimate:
     """The memory of one GPU out of ``gpus`` training with ``strategy``; ``gpus == 1`` is one GPU's
-    estimate unchanged. ``setup.batch_size`` is the micro-batch of each GPU. The allocator slack is the
-    one-GPU step's (each GPU runs the same step on its own micro-batch; the sharded static terms only change
-    how the parameters pack, which the step's fragmentation dwarfs)."""
+    estimate unchanged. ``setup.batch_size`` is the micro-batch of each GPU; ``family`` the card's generation;
+    ``lora_bytes`` the width of the LoRA weights, gradients and Adam state (2: kept in bf16, as Answer.AI's
+    script does). The allocator slack: with ``caching`` under FSDP, the replay of FSDP1's wrap and steps
+    (:mod:`qlora_kit.plan.fsdptrace`); with ``expandable``, one partly used page per pool of each stream FSDP
+    allocates on; under DDP, the one-GPU step's (each GPU runs the same step on its own micro-batch)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    single = estimate(arch, setup, allocator=allocator)
+    single = estimate(arch, setup, allocator=allocator, family=family)
     if gpus <= 1:
         return single
     b = dict(single.breakdown)
+    if lora_bytes != 4:
+        for k in ("lora_params", "lora_grads", "optimizer_state"):
+            b[k] = b[k] * lora_bytes // 4
     host = single.host_bytes * gpus  # offloaded activation checkpoints, every GPU's
     if strategy == "ddp":
         b["ddp_buckets"] = b["lora_grads"]
@@ -80,6 +92,12 @@ def per_gpu(
             host += sum(full.values()) + single.paged_bytes
     cuda_context = b.pop("cuda_context")
     slack = b.pop("allocator_slack")
+    if strategy != "ddp":
+        offload = strategy == "fsdp-offload"
+        if allocator == "caching":
+            slack = fsdp_slack(arch, setup, gpus, offload, lora_bytes, cublas_workspace_bytes(family))
+        else:  # the compute, unshard and post-backward streams, and the pre-unshard one under offload
+            slack *= 4 if offload else 3
     allocated = sum(b.values())
     b["allocator_slack"] = slack
     b["cuda_context"] = cuda_context
