@@ -30,7 +30,6 @@ import math
 
 from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.knobs import STRATEGIES, TrainSetup
-from qlora_kit.plan.fsdptrace import fsdp_slack
 from qlora_kit.plan.memory import Estimate, cublas_workspace_bytes, estimate
 
 SHARDED = ("linear_weights", "other_params", "lora_params", "lora_grads", "optimizer_state")
@@ -95,6 +94,8 @@ def per_gpu(
     if strategy != "ddp":
         offload = strategy == "fsdp-offload"
         if allocator == "caching":
+            from qlora_kit.plan.fsdptrace import fsdp_slack  # only caching plans replay: keep `plan`'s start light
+
             slack = fsdp_slack(arch, setup, gpus, offload, lora_bytes, cublas_workspace_bytes(family))
         else:  # the compute, unshard and post-backward streams, and the pre-unshard one under offload
             slack *= 4 if offload else 3
