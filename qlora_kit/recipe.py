@@ -103,6 +103,18 @@ class TrainSpec:
     eval_steps: int = 0
     save_steps: int = 0
     save_total_limit: int = 2
+    report_to: str | list[str] = field(default_factory=list)  # trackers (qlora_kit.train.tracking); a comma list
+
+
+# what train.report_to may name; qlora_kit.train.tracking has a backend for each
+TRACKERS = ("tensorboard", "wandb")
+
+
+def report_targets(value: str | list[str]) -> list[str]:
+    """``train.report_to`` as a list of names: a comma list (``--set train.report_to=tensorboard,wandb``),
+    a YAML list, or empty / ``none`` for no tracker."""
+    items = value.split(",") if isinstance(value, str) else value
+    return [n for n in (item.strip() for item in items) if n and n != "none"]
 
 
 @dataclass(frozen=True)
@@ -276,13 +288,20 @@ def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None
     if recipe.train.offload_ckpt and not recipe.train.grad_ckpt:
         problems.append(f"train.offload_ckpt{_at(lines, 'train.offload_ckpt')} needs train.grad_ckpt: true")
     problems += _fa_correction_problems(recipe, lines)
+    unknown = [n for n in report_targets(recipe.train.report_to) if n not in TRACKERS]
+    if unknown:
+        at = _at(lines, "train.report_to")
+        problems.append(
+            f"train.report_to{at}: unknown tracker {', '.join(map(_short, unknown))} (trackers: {', '.join(TRACKERS)})"
+        )
     if problems:
         plural = "s" if len(problems) > 1 else ""
         raise UsageError(
             f"{source}: {len(problems)} problem{plural}: " + "; ".join(problems),
             "fix the recipe (or the --set override) and run again",
         )
-    return recipe
+    targets = report_targets(recipe.train.report_to)
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, report_to=list(dict.fromkeys(targets))))
 
 
 def _fa_correction_problems(recipe: Recipe, lines: Mapping[str, int]) -> list[str]:

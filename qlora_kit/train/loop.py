@@ -24,7 +24,7 @@ import torch
 
 from qlora_kit.errors import QloraKitError, UsageError, WriteFailed
 from qlora_kit.recipe import LoraSpec, Recipe
-from qlora_kit.train import checkpoint, distributed
+from qlora_kit.train import checkpoint, distributed, tracking
 from qlora_kit.train.outputs import (
     METRICS_FILE,
     RANDOM_INIT_DIR,
@@ -171,6 +171,7 @@ class Run:
     optimizer: Any = None
     scheduler: Any = None
     total: int = 0
+    tracker: tracking.Trackers = tracking.NO_TRACKERS
 
 
 def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bool = False) -> TrainResult:
@@ -181,11 +182,15 @@ def train(recipe: Recipe, reporter: Reporter, *, resume: bool = False, force: bo
         check_resumable(recipe, resume_from)
     run = _prepare_inputs(recipe, reporter, output_dir, force)
     aside = PreviousRun(output_dir) if previous and run.dist.main else None
+    start = checkpoint.read_state(resume_from)["step"] if resume_from is not None else 0
+    if resume_from is None and run.dist.main:
+        truncate_metrics(output_dir / METRICS_FILE, 0)  # a failed attempt's rows (no checkpoint: not a run)
     try:
-        _materialize_base(run)
-        _build_model(run)
-        step, history = _resume(run, resume_from) if resume_from is not None else (0, [])
-        result = _loop(run, step, history, aside)
+        with tracking.open_trackers(recipe, output_dir, start, run.dist.main) as run.tracker:
+            _materialize_base(run)
+            _build_model(run)
+            step, history = _resume(run, resume_from) if resume_from is not None else (0, [])
+            result = _loop(run, step, history, aside)
     except BaseException as exc:
         restored = aside is not None and aside.aside.exists()
         if aside is not None:
@@ -215,6 +220,7 @@ def _prepare_inputs(recipe: Recipe, reporter: Reporter, output_dir: Path, force:
     from qlora_kit.model.load import load_tokenizer, resolve_model_spec
 
     t = recipe.train
+    tracking.check(recipe)  # a missing tracker package: one line now, not after the model loads
     if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):  # before CUDA starts
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # what the planner plans for
     device = detect_device()
@@ -391,6 +397,7 @@ def _loop(run: Run, step: int, history: list[float], aside: PreviousRun | None) 
                     metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
                 if dist.main and (step % t.logging_steps == 0 or step == run.total or "eval_loss" in metrics):
                     append_jsonl(output_dir / METRICS_FILE, metrics)
+                    run.tracker.log(metrics)
                 run.reporter.step(metrics)
                 stop = distributed.mean(float(interrupt.requested), dist) > 0  # every rank stops together
                 if stop or (t.save_steps and step % t.save_steps == 0 and step < run.total):

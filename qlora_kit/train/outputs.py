@@ -19,6 +19,7 @@ from qlora_kit.recipe import Recipe
 from qlora_kit.train import checkpoint
 
 METRICS_FILE = "metrics.jsonl"
+LOG_DIR = "logs"  # the trackers' files (qlora_kit.train.tracking)
 
 
 class Reporter(Protocol):
@@ -61,12 +62,12 @@ RANDOM_INIT_DIR = "random-init-base"  # a random-init recipe's base, inside the 
 
 
 class PreviousRun:
-    """A previous run's checkpoints, metrics and metadata, moved aside while ``--force`` starts over.
+    """A previous run's checkpoints, metrics, tracker logs and metadata, moved aside while ``--force`` starts over.
 
     They come back if the new run fails before it has a checkpoint of its own, and are deleted once
     it has one (or completes): a failed command never destroys earlier work."""
 
-    NAMES = ("checkpoints", METADATA_FILE, METRICS_FILE, RANDOM_INIT_DIR)  # the base its adapter was trained on
+    NAMES = ("checkpoints", METADATA_FILE, METRICS_FILE, RANDOM_INIT_DIR, LOG_DIR)  # the base its adapter trained on
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir, self.aside = output_dir, output_dir / ".previous-run"
