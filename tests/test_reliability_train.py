@@ -280,3 +280,39 @@ def test_a_recipe_cannot_turn_on_remote_code(tmp_path, how):
     (line,) = _error_lines(proc.stderr)
     assert "model.trust_remote_code" in line and "--trust-remote-code" in line and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+# -- kill -9 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("after_line", [3, pytest.param(5, marks=pytest.mark.slow)])  # past the step-2 checkpoint
+def test_a_killed_run_resumes_to_the_uninterrupted_losses_and_adapter(tmp_path, after_line):
+    """SIGKILL (no handler runs) at whatever moment follows the Nth metrics line, then --resume: the losses
+    and the final adapter equal an uninterrupted run's exactly."""
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    sets = ["train.max_steps=6", "train.save_steps=2", "train.logging_steps=1", "data.max_seq_len=32"]
+    sets += ["train.micro_batch=4", "train.eval_steps=0"]
+    flags = [x for s in sets for x in ("--set", s)]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert _cli("train", str(DEMO), *flags, "--set", f"train.output_dir={whole}").returncode == 0
+    cmd = [sys.executable, "-m", "qlora_kit", "train", str(DEMO), *flags, "--set", f"train.output_dir={killed}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = killed / "metrics.jsonl", time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_line:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "qlora_kit.json").exists()  # nothing claims the run is complete
+    resumed = _cli("train", str(DEMO), *flags, "--set", f"train.output_dir={killed}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(killed) == losses(whole)
+    a, b = load_file(whole / "adapter_model.safetensors"), load_file(killed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
