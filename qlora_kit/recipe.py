@@ -362,20 +362,34 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe, header: str = "") -> str:
-    body = yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
+    """The recipe as YAML in block style, one key a line, as recipes/ is written; ``header`` as comments."""
+    body = yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False)
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
     return comment + body
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write a file via a temporary file in the same directory, renamed into place when complete."""
+    """Write a file via a temporary file in the same directory, renamed into place when complete.
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask; a replaced file keeps
+    its own), not the 0600 of the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), _file_mode(path))
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        return 0o666 & ~umask
