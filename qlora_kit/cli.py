@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,8 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_plan_parser, _train_parser, _export_parser, _generate_parser, _eval_parser):
         add(sub)
-    sub.add_parser("models", help="list the model catalog")
-    sub.add_parser("gpus", help="list the GPU table")
+    for verb, what, takes in (("models", "model catalog", "names --model"), ("gpus", "GPU table", "cards --gpu")):
+        sub.add_parser(
+            verb, help=f"list the {what}", description=f"List the {what}: the {takes} takes, and their sizes."
+        )
     return parser
 
 
@@ -50,28 +54,28 @@ def _plan_parser(sub: Any) -> None:
     p.add_argument("--gpu", default="24GB", help="card name (rtx4090, A100-80GB) or size (24GB = 24 GiB)")
     p.add_argument("--recipe", help="plan exactly this recipe (its knobs are fixed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    p.add_argument("--quant", choices=_auto(QUANTS), default="auto")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--rank", type=int)
+    p.add_argument("--quant", choices=_auto(QUANTS), default="auto", help="base weights' quantization (searched)")
+    _double_quant_arg(p, "quantize the 4-bit constants too (default: on with nf4/fp4)")
+    p.add_argument("--rank", type=int, help="LoRA rank r (default: 16)")
     p.add_argument("--targets", help="all-linear, default, or comma-separated module names")
     p.add_argument("--batch-size", type=int, help="micro-batch size")
     p.add_argument("--effective-batch", type=int, default=16, help="micro-batch x accumulation (default 16)")
-    p.add_argument("--seq-len", type=int)
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context, up to 2048)")
     p.add_argument(
         "--rope-scaling",
         choices=list(ROPE_SCALINGS),
         help="stretch RoPE to a --seq-len past the model's context (factor: --seq-len / native length)",
     )
-    p.add_argument("--grad-ckpt", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--optimizer", choices=_auto(OPTIMIZERS), default="auto")
-    p.add_argument("--attn", choices=ATTNS, default="sdpa")
-    p.add_argument("--dtype", choices=list(DTYPES))
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--grad-ckpt", choices=["auto", "on", "off"], default="auto", help="gradient checkpointing")
+    p.add_argument("--optimizer", choices=_auto(OPTIMIZERS), default="auto", help="optimizer (default: searched)")
+    p.add_argument("--attn", choices=ATTNS, default="sdpa", help="attention implementation (default: sdpa)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: bf16 where the card has it)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
     p.add_argument("--gpus", type=int, help="GPUs available (default 1); figures are per GPU, the fewest that fit win")
     p.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-offload"], help="multi-GPU strategy (default: searched)")
     p.add_argument("--lora-fa", action="store_true", help="LoRA-FA: lora_A frozen at init, only lora_B trained")
     p.add_argument("--kernel", choices=["peft", "runlora"], default="peft", help="LoRA layer implementation")
-    p.add_argument("--upcast", choices=["all", "selective"], help="k-bit prep: fp32 upcast of (default: searched)")
+    p.add_argument("--upcast", choices=["all", "selective"], help="fp32 in k-bit prep: all 16-bit params or norms only")
     p.add_argument(
         "--chunked-loss", action=argparse.BooleanOptionalAction, help="head + loss in chunks (default: searched)"
     )
@@ -118,6 +122,10 @@ def _trust_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _double_quant_arg(p: argparse.ArgumentParser, text: str = "for plain peft adapters: the base's") -> None:
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None, help=text)
+
+
 def _pickle_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--allow-pickle", action="store_true", help=f"read pickle .bin {what} (unsafe: can run code)")
 
@@ -136,10 +144,11 @@ def _export_parser(sub: Any) -> None:
         choices=["nf4", "fp4", "int8", "none"],
         help="quantization the adapter was trained against (plain peft adapters)",
     )
-    e.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None)
-    e.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized")
-    e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    e.add_argument("--max-shard-size", default="5GB")
+    _double_quant_arg(e)
+    merge = "into the rounded 4-bit base the adapter trained on, or the 16-bit weights"
+    e.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized", help=merge)
+    e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the merged weights")
+    e.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
     e.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: safetensors; gguf: one llama.cpp file")
     e.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16", help="tensor type of --format gguf")
     e.add_argument(
@@ -162,7 +171,7 @@ def _generate_parser(sub: Any) -> None:
     _model_args(g)
     g.add_argument("--prompt", help="the text to complete")
     g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -196,7 +205,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     which.add_argument("--model", help="a merged export or any causal LM directory (plain transformers)")
     p.add_argument("--base", help="base model path (default: from the adapter's metadata)")
     p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], help="for plain peft adapters: the base's")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None)
+    _double_quant_arg(p)
     _pickle_arg(p, "adapters")
     _trust_arg(p)
 
@@ -220,16 +229,14 @@ def _plan(args: argparse.Namespace) -> int:
         result, extra = found.plan, {"max_seq": max_seq_json(found)}
     else:
         result = plan(arch, device, constraints)
-    if args.write_recipe:
-        _write_plan_recipe(args, result, model_name, data)
     if args.json:
         print(json.dumps({**plan_json(result), **extra}, indent=2))
     else:
         from qlora_kit import ui
 
         ui.render_plan(result)
-        if args.write_recipe:
-            ui.console.print(f"recipe written to {args.write_recipe}")
+    if args.write_recipe:  # after the plan, so a refusal follows the advice that explains it
+        _write_plan_recipe(args, result, model_name, data)
     return 0 if result.fits else 3
 
 
@@ -313,20 +320,40 @@ def _flag_constraints(args: argparse.Namespace) -> Any:
 
 
 def _write_plan_recipe(args: argparse.Namespace, result: Any, model_name: str, data: Any) -> None:
-    """Write the recipe ``train`` runs for this plan (atomically), with a header saying how it was made."""
+    """Write the recipe ``train`` runs for this plan (atomically), with a header saying how it was made.
+
+    A plan that does not fit writes nothing and says so: its recipe would only run out of memory (and
+    ``train`` refuses it without ``--force``), and an earlier file at the path is left as it was."""
     from qlora_kit import recipe as recipes
     from qlora_kit.plan.recipes import from_plan
 
+    if not result.fits:  # one line after the plan; the exit status is the plan's: 3, nothing fits
+        from qlora_kit.ui import print_error
+
+        fix = result.advice[1] if len(result.advice) > 1 else "a bigger --gpu"
+        print_error(
+            f"{result.arch.name} does not fit on {result.device.name}, so no recipe was written to "
+            f"{args.write_recipe}; make the plan fit first ({fix}), then --write-recipe again"
+        )
+        return
     if args.data:
         data = recipes.DataSpec(path=args.data)
-    written = from_plan(result, model_name if args.recipe else result.arch.name, data or recipes.DEFAULT_DATA)
+    base = recipes.load_recipe(args.recipe, args.set) if args.recipe else None  # keeps what plan does not choose
+    written = from_plan(result, result.arch.name, data or recipes.DEFAULT_DATA, base=base)
+    source = (
+        f"--recipe {args.recipe}" + "".join(f" --set {x}" for x in args.set) if args.recipe else f"--model {model_name}"
+    )
     header = (
-        f"qlora-kit recipe for {result.arch.name} on {result.device.name}, written by\n"
-        f"  qlora-kit plan --model {model_name} --gpu {args.gpu} --write-recipe {args.write_recipe}\n"
+        f"qlora-kit recipe for {result.arch.name} on {result.device.name} (fits), written by\n"
+        f"  qlora-kit plan {source} --gpu {args.gpu} --write-recipe {args.write_recipe}\n"
         f"train it with: qlora-kit train {args.write_recipe}"
         + ("" if data else "\n(data: the bundled quotes; point data.path at your dataset)")
     )
     recipes.write_atomic(args.write_recipe, recipes.dump_recipe(written, header))
+    if not args.json:  # --json keeps stdout one object
+        from qlora_kit import ui
+
+        ui.console.print(f"recipe written to {args.write_recipe}")
 
 
 def _sweep(args: argparse.Namespace, arch: Any, device: Any, constraints: Any) -> int:
@@ -460,8 +487,9 @@ def _generate(args: argparse.Namespace) -> int:
     check_spec(spec)
     text = ui.read_prompt(args.prompt, args.prompt_file)
     model, tokenizer, info = _load(args)
-    ids = prompt_ids(tokenizer, text, uses_chat_template(tokenizer, info, args.chat))
-    printer = ui.StreamPrinter(text)
+    chat = uses_chat_template(tokenizer, info, args.chat)
+    ids = prompt_ids(tokenizer, text, chat)
+    printer = ui.StreamPrinter(text, chat)
     if args.compare_base:
         completions = compare(model, tokenizer, ids, spec, printer.labelled)
     else:
@@ -508,7 +536,12 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return status
+    except BrokenPipeError:  # `qlora-kit plan | head -1`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit says nothing
+        return 0
     except QloraKitError as exc:
         from qlora_kit.ui import print_error
 

@@ -13,9 +13,19 @@ from qlora_kit.catalog.gpus import GIB, DeviceSpec
 from qlora_kit.plan.search import Plan
 from qlora_kit.plan.sweep import SweepResult
 
+
+class _Console(Console):
+    """rich's Console, but a closed pipe (``qlora-kit plan | head -1``) raises BrokenPipeError for the
+    CLI to end quietly with status 0, where rich would exit with status 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 # Piped output (a file, a CI log) is not squeezed into 80 columns.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+console = _Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+err_console = _Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 TERM_LABELS = {
     "linear_weights": "base linear weights",
@@ -93,6 +103,9 @@ def render_plan(p: Plan) -> None:
         console.print(alt)
 
 
+SWEPT = {"quant": "quant", "grad-ckpt": "grad_ckpt", "optimizer": "optimizer"}  # sweep knob -> its chosen column
+
+
 def render_sweep(result: SweepResult) -> None:
     """One row per swept value: its plan's peak, device bytes, fit, and the knobs the planner chose."""
     first = result.plans[0]
@@ -100,25 +113,30 @@ def render_sweep(result: SweepResult) -> None:
         f"[bold]{first.arch.name}[/] on [bold]{first.device.name}[/] ({gib(first.limit_bytes)} usable), "
         f"sweeping [bold]{result.sweep.knob}[/]"
     )
+    knob = result.sweep.knob
     host = any(p.best.estimate.host_bytes for p in result.plans)
     table = Table(title_justify="left")
-    for col in (result.sweep.knob, "peak allocated GiB", "device GiB", *(["host GiB"] if host else []), "fits"):
+    for col in (knob, "peak allocated GiB", "device GiB", *(["host GiB"] if host else []), "fits"):
         table.add_column(col, justify="right")
-    for col in ("quant", "targets", "grad_ckpt", "batch x accum", "optimizer"):
+    chosen = [c for c in ("quant", "targets", "grad_ckpt", "batch x accum", "optimizer") if c != SWEPT.get(knob)]
+    for col in chosen:  # the knobs the planner chose, less the swept one: its column is the first
         table.add_column(col)
     for label, p in zip(result.sweep.labels, result.plans, strict=True):
         est, s = p.best.estimate, p.best.setup
+        cells = {
+            "quant": s.quant + ("+dq" if s.double_quant else ""),
+            "targets": p.best.targets_label,
+            "grad_ckpt": str(s.grad_ckpt),
+            "batch x accum": f"{s.batch_size} x {p.best.grad_accum}",
+            "optimizer": s.optimizer,
+        }
         table.add_row(
-            label,
+            cells["quant"] if knob == "quant" else label,  # the swept quant with the double quant chosen
             f"{est.peak_allocated_bytes / GIB:,.2f}",
             f"{est.device_bytes / GIB:,.2f}",
             *([f"{est.host_bytes / GIB:,.2f}"] if host else []),
             "[green]yes[/]" if p.fits else "[red]no[/]",
-            s.quant + ("+dq" if s.double_quant else ""),
-            p.best.targets_label,
-            str(s.grad_ckpt),
-            f"{s.batch_size} x {p.best.grad_accum}",
-            s.optimizer,
+            *(cells[c] for c in chosen),
         )
     console.print(table)
 
@@ -151,12 +169,13 @@ def render_models(
 
 
 def render_gpus(devices: tuple[DeviceSpec, ...]) -> None:
-    table = Table(title=f"{len(devices)} GPUs (memory in GiB; any size also works: --gpu 24GB)", title_justify="left")
+    table = Table(title=f"{len(devices)} GPUs", title_justify="left")  # a title wraps at the table's width
     for col in ("name", "GiB", "bf16", "family"):
         table.add_column(col)
     for d in devices:
         table.add_row(d.name, f"{d.memory_gib:g}", "yes" if d.bf16 else "no (fp16)", d.family)
     console.print(table)
+    console.print("memory in GiB; --gpu also takes any size, e.g. --gpu 24GB")
 
 
 class RichReporter:
@@ -207,7 +226,8 @@ class RichReporter:
 
 
 class ExportReporter:
-    """Export progress: a bar per phase (bytes merged and written, then models verified)."""
+    """Export progress: a bar per phase (bytes merged and written, then models verified). A line said
+    while the bars are on screen waits until they are done, so it never lands among them."""
 
     def __init__(self) -> None:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -229,9 +249,13 @@ class ExportReporter:
             console=console,
         )
         self.task: int | None = None
+        self.held: list[str] = []
 
     def message(self, text: str) -> None:
-        console.print(text)
+        if self.progress.live.is_started:
+            self.held.append(text)
+        else:
+            console.print(text)
 
     def start(self, phase: str, total: int) -> None:
         if self.task is None:
@@ -247,9 +271,14 @@ class ExportReporter:
     def close(self) -> None:
         if self.progress.live.is_started:  # stopping a bar that never started prints a blank line
             self.progress.stop()
+        for text in self.held:
+            console.print(text)
+        self.held.clear()
 
 
 def render_export(summary: dict[str, object]) -> None:
+    """The export's last line: what was written where. Verification (or why it was skipped) is the
+    reporter's line above it, said once."""
     gguf = summary.get("gguf_file")
     into = "one GGUF file" if gguf else f"{summary['shards']} shard(s)"
     console.print(
@@ -257,14 +286,6 @@ def render_export(summary: dict[str, object]) -> None:
         f"{float(summary['total_bytes']) / GIB:.2f} GiB of {summary['dtype']}: "  # type: ignore[arg-type]
         f"{summary['out_dir']}{f'/{gguf}' if gguf else ''}"
     )
-    check = summary.get("verification")
-    if isinstance(check, dict):
-        console.print(
-            f"verified against the adapter model: max |logit diff| {check.get('max_abs_diff'):.3g}, "
-            f"KL {check.get('kl'):.3g}"
-        )
-    else:
-        console.print(f"not verified ({summary.get('verification_skipped') or 'skipped'})")
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -290,11 +311,12 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 
 class StreamPrinter:
     """Generated text on stdout as it arrives, one labelled block per model: the prompt, dimmed, then
-    the completion. A block's header waits for its first text (or the next block, or the end), so a
-    refused prompt prints nothing."""
+    the completion. A completion continues its prompt on the same line; a chat reply is a message of
+    its own, so it starts on the next line. A block's header waits for its first text (or the next
+    block, or the end), so a refused prompt prints nothing."""
 
-    def __init__(self, prompt: str) -> None:
-        self.prompt = prompt
+    def __init__(self, prompt: str, chat: bool = False) -> None:
+        self.prompt = prompt.rstrip("\n") + "\n" if chat else prompt
         self.label: str | None = None  # the block on screen
         self.pending: str | None = None  # announced, not yet on screen
 
