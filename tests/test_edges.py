@@ -39,7 +39,8 @@ def test_written_recipe_is_block_yaml_that_saves_checkpoints_and_holds_data_out(
     assert f"recipe written to {path}" in capsys.readouterr().out
     text = path.read_text()
     body = [line for line in text.splitlines() if not line.startswith("#")]
-    assert not [line for line in body if "{" in line or "[" in line]  # no flow style, as recipes/ are written
+    flow = [line for line in body if ("{" in line or "[" in line) and not line.endswith(": []")]
+    assert not flow  # block style, as recipes/ are written (an empty list has no block form)
     assert [line for line in body if not line.startswith(" ")] == ["model:", "quant:", "lora:", "data:", "train:"]
     assert "(fits)" in text.splitlines()[0]
     recipe = load_recipe(path)
