@@ -18,6 +18,7 @@ from typing import Any
 
 from qlora_kit.errors import UsageError
 from qlora_kit.knobs import DTYPES, QUANTS
+from qlora_kit.model.lora import check_dora_runs
 
 METADATA_FILE = "qlora_kit.json"  # what `qlora-kit train` writes last (train.METADATA_FILE)
 QUANT_MODES = QUANTS
@@ -372,6 +373,7 @@ def _load_adapter(
     base_path = resolve_base(base, metadata, config.get("base_model_name_or_path"), adapter_path)
     check_fingerprint(metadata, base_path)
     check_trust(metadata, base_path, trust.remote_code)
+    check_dora_runs(bool(config.get("use_dora")) and qsource.mode == "int8" and _device_map() is None)
     loaded, qsource = load_trained_base(base_path, qsource, metadata, trust.remote_code, _device_map())
     peft_model = _with_adapter(loaded, adapter_path, base_path)
     has_tokenizer = any((adapter_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))

@@ -75,6 +75,8 @@ def _plan_parser(sub: Any) -> None:
     p.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-offload"], help="multi-GPU strategy (default: searched)")
     p.add_argument("--lora-fa", action="store_true", help="LoRA-FA: lora_A frozen at init, only lora_B trained")
     p.add_argument("--kernel", choices=["peft", "runlora"], default="peft", help="LoRA layer implementation")
+    p.add_argument("--dora", action="store_true", help="DoRA: a trained magnitude per output row (docs/dora.md)")
+    p.add_argument("--rslora", action="store_true", help="rsLoRA: scale alpha/sqrt(rank) (no memory change)")
     p.add_argument("--upcast", choices=["all", "selective"], help="fp32 in k-bit prep: all 16-bit params or norms only")
     p.add_argument(
         "--chunked-loss", action=argparse.BooleanOptionalAction, help="head + loss in chunks (default: searched)"
@@ -295,6 +297,8 @@ def _flag_constraints(args: argparse.Namespace) -> Any:
         raise UsageError("plan needs --model (or --recipe)", "e.g. qlora-kit plan --model opt-6.7b --gpu 24GB")
     if args.set:
         raise UsageError("--set overrides recipe keys", "use it with --recipe")
+    if args.dora and (args.lora_fa or args.kernel == "runlora"):
+        raise UsageError("--dora does not combine with --lora-fa or --kernel runlora", "choose one LoRA variant")
     if args.quant in ("none", "int8") and args.double_quant:
         raise UsageError(f"--double-quant contradicts --quant {args.quant}", "double quant is for nf4/fp4")
     return Constraints(
@@ -312,6 +316,8 @@ def _flag_constraints(args: argparse.Namespace) -> Any:
         lora_dropout=args.lora_dropout,
         lora_fa=args.lora_fa,
         kernel=args.kernel,
+        dora=args.dora,
+        rslora=args.rslora,
         upcast=args.upcast,
         chunked_loss=args.chunked_loss,
         offload_ckpt=args.offload_ckpt,

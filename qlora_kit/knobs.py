@@ -13,6 +13,7 @@ DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTNS = ("sdpa", "eager")
 STRATEGIES = ("ddp", "fsdp", "fsdp-offload")  # how several GPUs share the model (qlora_kit.plan.multigpu)
 ALL_LINEAR = "all-linear"  # the LoRA target spec for every linear layer but the head
+LORA_VARIANTS = ("lora", "lora-fa", "dora")  # recipe ``lora.variant``
 UPCASTS = ("all", "selective")  # what k-bit preparation casts to fp32 (recipe ``quant.upcast``)
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")  # stretching RoPE past the native context (qlora_kit.catalog.context)
 # rows of the head + cross-entropy computed at once by the chunked loss (``qlora_kit.model.savers``)
@@ -45,6 +46,8 @@ class TrainSetup:
     offload_ckpt: bool = False  # checkpointed layers' saved inputs in host memory (needs grad_ckpt)
     lora_fa: bool = False  # LoRA-FA: lora_A frozen at its initialization, only lora_B trained
     runlora: bool = False  # qlora_kit.model.runlora's layer: computation order chosen per layer by FLOPs
+    dora: bool = False  # DoRA (peft use_dora): a magnitude per output row, the weight's row norm every forward
+    rslora: bool = False  # rank-stabilized scale (peft use_rslora): the scale only, no memory of its own
     padded: bool = False  # batches padded to a common length (an attention mask) rather than packed
     # Behaviours of other training stacks, for comparing with their published measurements:
     # steps' worth of 4-bit layer inputs alive at the peak (bitsandbytes 0.41-0.42's MatMul4Bit kept its

@@ -23,7 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from qlora_kit.errors import UsageError
-from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, ROPE_SCALINGS, STRATEGIES, UPCASTS
+from qlora_kit.knobs import ATTNS, DTYPES, LORA_VARIANTS, OPTIMIZERS, QUANTS, ROPE_SCALINGS, STRATEGIES, UPCASTS
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -55,9 +55,11 @@ class LoraSpec:
     dropout: float = 0.05
     targets: str | list[str] = "all-linear"  # "all-linear", "default", or module names
     bias: str = field(default="none", metadata=_choices("none", "all", "lora_only"))
-    variant: str = field(default="lora", metadata=_choices("lora", "lora-fa"))  # lora-fa: A frozen, B trained
+    # lora-fa: A frozen, B trained; dora: weight-decomposed LoRA, a trained magnitude per output row (docs/dora.md)
+    variant: str = field(default="lora", metadata=_choices(*LORA_VARIANTS))
     kernel: str = field(default="peft", metadata=_choices("peft", "runlora"))  # runlora: qlora_kit.model.runlora
     fa_correction: bool = False  # lora-fa: peft's LoRA-FA optimizer (B's gradient projected by (A A^T)^-1 / s^2)
+    rslora: bool = False  # rank-stabilized scale alpha / sqrt(rank) instead of alpha / rank (peft use_rslora)
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,9 @@ def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None
         problems.append(
             f"train.report_to{at}: unknown tracker {', '.join(map(_short, unknown))} (trackers: {', '.join(TRACKERS)})"
         )
+    if recipe.lora.variant == "dora" and recipe.lora.kernel == "runlora":
+        at = _at(lines, "lora.kernel")
+        problems.append(f"lora.kernel{at}: runlora has no DoRA layer (set lora.kernel: peft for lora.variant: dora)")
     if problems:
         plural = "s" if len(problems) > 1 else ""
         raise UsageError(

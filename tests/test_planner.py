@@ -148,6 +148,8 @@ def test_json_schema_has_the_documented_keys():
         "dtype",
         "lora_fa",
         "kernel",
+        "dora",
+        "rslora",
         "upcast",
         "chunked_loss",
         "offload_ckpt",

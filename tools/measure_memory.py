@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--upcast", choices=UPCASTS, default="all", help="k-bit preparation's fp32 upcast (quant.upcast)")
     p.add_argument("--chunked-loss", action="store_true", help="head + loss in chunks (train.chunked_loss)")
     p.add_argument("--offload-ckpt", action="store_true", help="checkpoints in host memory (train.offload_ckpt)")
+    p.add_argument("--dora", action="store_true", help="DoRA layers (lora.variant: dora, docs/dora.md)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps; the last one is measured (>= 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -123,6 +124,7 @@ def _setup(args: argparse.Namespace, cfg: dict[str, object]) -> TrainSetup:
         upcast=args.upcast,
         chunked_loss=args.chunked_loss,
         offload_ckpt=args.offload_ckpt and args.grad_ckpt == "on",
+        dora=args.dora,
     )
 
 

@@ -38,6 +38,7 @@ import torch
 from qlora_kit.knobs import TrainSetup
 from qlora_kit.measure.tensors import (
     Peak,
+    alive_records,
     cpu_step_peak,
     ctx_tensors,
     cuda_step_peak,
@@ -100,8 +101,9 @@ def lora_spec(setup: TrainSetup) -> LoraSpec:
         dropout=setup.lora_dropout,
         targets=list(setup.targets),
         bias="none",
-        variant="lora-fa" if setup.lora_fa else "lora",
+        variant="lora-fa" if setup.lora_fa else "dora" if setup.dora else "lora",
         kernel="runlora" if setup.runlora else "peft",
+        rslora=setup.rslora,
     )
 
 
@@ -208,9 +210,8 @@ def forward_saved(
     exclude = {t.untyped_storage().data_ptr() for t in persistent}
     with saved_tensor_recorder(exclude) as recs:
         loss = forward_loss(model, batch, autocast_dtype, device, chunked)
-    hooked = nbytes_by_storage(recs.values(), exclude)
+    hooked = nbytes_by_storage(alive_records(recs), exclude)
     kept = nbytes_by_storage(ctx_tensors(loss), exclude | set(hooked))
-    recs.clear()  # the records hold references: release them before backward
     return loss, hooked, kept
 
 

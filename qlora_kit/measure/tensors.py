@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +115,9 @@ def persistent_tensors(model: Any, optimizer: Any, batch: Mapping[str, Any]) -> 
 @contextlib.contextmanager
 def saved_tensor_recorder(exclude: set[int]) -> Iterator[dict[int, Any]]:
     """Record every tensor autograd packs for backward, by storage (``exclude``: storage pointers of
-    parameters and other persistent tensors). The records hold references: drop them before backward."""
+    parameters and other persistent tensors), as weak references: a graph freed during the forward (peft's
+    DoRA builds one for its weight norm and drops it) frees its saved tensors, and a later tensor may reuse
+    the address. Read the records with :func:`alive_records` once the forward is done."""
     recs: dict[int, Any] = {}
 
     def pack(t: Any) -> Any:
@@ -122,12 +125,18 @@ def saved_tensor_recorder(exclude: set[int]) -> Iterator[dict[int, Any]]:
             ptr = t.untyped_storage().data_ptr()
         except (RuntimeError, NotImplementedError):
             return t
-        if ptr not in exclude and ptr not in recs:
-            recs[ptr] = t
+        if ptr not in exclude and (ptr not in recs or recs[ptr]() is None):
+            recs[ptr] = weakref.ref(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield recs
+
+
+def alive_records(recs: Mapping[int, Any]) -> list[Any]:
+    """The recorded saved tensors still alive (held by the graph backward will run)."""
+    gc.collect()
+    return [t for t in (ref() for ref in recs.values()) if t is not None]
 
 
 def ctx_tensors(loss: Any) -> list[Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from qlora_kit.catalog.readers import DEFAULT_TARGETS
+from qlora_kit.errors import UsageError
 from qlora_kit.knobs import ALL_LINEAR
 from qlora_kit.recipe import LoraSpec, QuantSpec
 
@@ -50,17 +51,22 @@ def prepare(model: Any, quant: QuantSpec, grad_ckpt: bool, offload_ckpt: bool = 
 
 
 def apply_lora(model: Any, spec: LoraSpec) -> Any:
-    """Wrap the (prepared) base in a peft ``PeftModel`` with LoRA adapters; LoRA-FA freezes every
-    ``lora_A`` at its initialization; the ``runlora`` kernel switches the LoRA linears to
-    :mod:`qlora_kit.model.runlora`'s order-choosing forward (same parameters, same saved adapter)."""
+    """Wrap the (prepared) base in a peft ``PeftModel`` with LoRA adapters; DoRA and rsLoRA are peft's
+    ``use_dora``/``use_rslora``; LoRA-FA freezes every ``lora_A`` at its initialization; the ``runlora``
+    kernel switches the LoRA linears to :mod:`qlora_kit.model.runlora`'s order-choosing forward (same
+    parameters, same saved adapter)."""
     from peft import LoraConfig, get_peft_model
 
+    if spec.variant == "dora":
+        check_dora_runs(any(type(p).__name__ == "Int8Params" and p.device.type == "cpu" for p in model.parameters()))
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=target_modules(spec, model.config.model_type),
         bias=spec.bias,
+        use_dora=spec.variant == "dora",
+        use_rslora=spec.rslora,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
@@ -71,6 +77,17 @@ def apply_lora(model: Any, spec: LoraSpec) -> Any:
 
         runlora.install(model)
     return model
+
+
+def check_dora_runs(int8_on_cpu: bool) -> None:
+    """DoRA on an LLM.int8 base runs one forward on the CPU, then fails: peft 0.21's DoRA dequantizes the
+    weight with ``module.weight = module.weight.to("cpu")``, which bitsandbytes 0.50 answers with an
+    ``Int8Params`` whose row scales are gone (the next forward's ``MatMul8bitFp`` finds ``SCB`` None)."""
+    if int8_on_cpu:
+        raise UsageError(
+            "DoRA on an int8 base fails on the CPU after its first forward (peft 0.21 drops the int8 row scales)",
+            "use quant.mode: nf4 or fp4 for DoRA on the CPU, or run it on a GPU",
+        )
 
 
 def freeze_lora_a(model: Any) -> int:

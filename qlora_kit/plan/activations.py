@@ -120,6 +120,7 @@ def opts_for(arch: ArchSpec, setup: TrainSetup, device: str = "cuda") -> Opts:
         embd_dropout=_config_float(arch, ek, ed),
         lora_fa=setup.lora_fa,
         runlora=setup.runlora,
+        dora=setup.dora,
         runlora_all=setup.runlora and setup.lora_dropout == 0 and set(targets) >= set(arch.linear_names()),
     )
 

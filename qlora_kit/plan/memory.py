@@ -148,10 +148,13 @@ def lora_targets(arch: ArchSpec, setup: TrainSetup) -> tuple[LinearSpec, ...]:
 
 
 def lora_tensor_sizes(arch: ArchSpec, setup: TrainSetup) -> list[int]:
-    """Element counts of every LoRA tensor: A is (r, d_in), B is (d_out, r), per target per layer."""
+    """Element counts of every LoRA tensor: A is (r, d_in), B is (d_out, r), per target per layer; DoRA
+    adds its magnitude, one fp32 value per output row (peft's ``lora_magnitude_vector``), after them."""
     sizes: list[int] = []
     for s in lora_targets(arch, setup):
         sizes += [setup.rank * s.d_in, s.d_out * setup.rank] * arch.num_layers
+    if setup.dora:
+        sizes += [s.d_out for s in lora_targets(arch, setup)] * arch.num_layers
     return sizes
 
 

@@ -18,6 +18,7 @@ from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.knobs import TrainSetup
 from qlora_kit.plan.activations import FP32, ctx_for, logits_grad_bytes, loss_rows, saved_bytes, transient_bytes
 from qlora_kit.plan.blocks import LAYER, LN_FINAL, MLP, ROPE
+from qlora_kit.plan.dora import branch_dtype, norm_transient_bytes
 
 # the pieces outside the blocks that backward frees before it reaches them (the head and the loss)
 HEAD = ("final_norm", "loss.", "lm_head.", "logits_softcap")
@@ -55,6 +56,15 @@ class _Step:
         self.shape = MLP[c.f]
         self.last = LAYER[c.f](c, c.input_grads or d.L > 1)  # the last block as the forward leaves it
         self.transient = transient_bytes(arch, setup) if c.quant else 0
+        # DoRA: the largest adapted linear's row-norm computation, in every forward (and recomputation)
+        shapes = [(s.d_in, s.d_out) for s in arch.linears_named(setup.targets)] if setup.dora else []
+        self.dora_norm = norm_transient_bytes(c, shapes)
+        if self.dora_norm:  # made before the norm: the branch's cast and dropout of the output linear's input
+            branch = f"lora.{MLP[c.f].last}."
+            made = ("dropout_mask", "A_input(dropout_out)", "copy)")
+            self.dora_norm += sum(v for k, v in self.rec.items() if k.startswith(branch) and k.endswith(made))
+            xl = branch_dtype(c)
+            self.dora_norm += self.bs * d.inter * xl if c.p > 0 and xl != c.e_m else 0
         # chunked loss: the hidden state's gradient, summed over the chunks' backward
         self.chunk_grad = self.bs * d.h * c.e_h if setup.chunked_loss else 0
         self.int8 = setup.quant == "int8" and not setup.kbit_kept_inputs and c.quant and not c.o.runlora_all
@@ -74,7 +84,7 @@ class _Step:
         self.drop_grad = self.bs * d.h * c.lin_out(c.e_m) if self.rec.get(self.shape.out_dropout) else 0
         # what the block saves after its output linear (and that linear's LoRA branch): freed by the time
         # backward reaches the linear
-        prefixes = (f"lora.{self.shape.last}.", *self.shape.after)
+        prefixes = (f"lora.{self.shape.last}.", f"dora.{self.shape.last}.", *self.shape.after)
         self.tail = sum(v for k, v in self.rec.items() if k.startswith(prefixes))
         # what of it is still alive when lora_A's backward runs (lora_B's inputs and what follows are done)
         branch = f"lora.{self.shape.last}."
@@ -186,6 +196,13 @@ class _Step:
                 "activations": self.blocks - self.tail + self.pre + live,
                 "transient": self.transient,
             }
+        if self.dora_norm:  # the same moment for the DoRA row norm the linear's branch computes next
+            emb = 0 if c.input_grads else shape.embeddings * bs * self.d.h * c.e_np
+            live = emb + self.mask + self.around_last_matmul(shape.input_alive, self.kept)
+            moments["forward, last DoRA norm"] = {
+                "activations": self.blocks - self.tail + self.pre + live,
+                "transient": self.dora_norm,
+            }
         return moments
 
     def with_checkpointing(self) -> dict[str, Moment]:
@@ -245,6 +262,8 @@ class _Step:
             linear = common + self.drop_grad + self.linear
         moments["backward, last block's output linear"] = {"activations": linear, "transient": self.transient}
         moments["backward, recomputing the last block"] = {"activations": during, "transient": self.transient}
+        if self.dora_norm:
+            moments["backward, recomputing the last DoRA norm"] = {"activations": during, "transient": self.dora_norm}
         return moments
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
+from qlora_kit.plan import dora
 from qlora_kit.plan.flops import choose
 
 
@@ -85,6 +86,7 @@ class Opts:
     lora_fa: bool = False  # lora_A frozen: its input is not kept
     runlora: bool = False  # LoRA targets run qlora_kit.model.runlora's layer (see Ctx.runlora_branch)
     runlora_all: bool = False  # ... and every quantized linear is a target (no LLM.int8 ctx input kept)
+    dora: bool = False  # peft's DoRA layer on every target (qlora_kit.plan.dora)
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,8 @@ class Ctx:
         if self.ac:  # bf16 casts of the fp32 LoRA weights, saved as mm's mat2
             acc.add(f"lora.{name}.A_weight_bf16", d.r * d_in * 2, x_rg)
             acc.add(f"lora.{name}.B_weight_bf16", d.r * d_out * 2)
+        if self.o.dora:
+            dora.saved_pieces(self, acc, name, d_in, d_out, x_bytes, x_rg, xl)
 
     def runlora_branch(self, acc: Acc, name: str, d_in: int, d_out: int, x_bytes: int, x_rg: bool, in_key: str) -> None:
         """Saved tensors of :mod:`qlora_kit.model.runlora`'s layer (no dropout): x (in the branch's dtype) when A

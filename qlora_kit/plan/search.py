@@ -54,6 +54,8 @@ class Constraints:
     lora_dropout: float = 0.05
     lora_fa: bool = False
     kernel: str = "peft"  # peft | runlora
+    dora: bool = False  # lora.variant: dora (qlora_kit.plan.dora)
+    rslora: bool = False  # lora.rslora: the scale only, no memory term
     upcast: str | None = None  # all | selective (qlora_kit.model.savers); None: searched (SAVERS)
     chunked_loss: bool | None = None  # None: searched (SAVERS)
     offload_ckpt: bool | None = None  # needs grad_ckpt; None: searched (SAVERS)
@@ -96,6 +98,8 @@ class Candidate:
         return {
             "lora_fa": s.lora_fa,
             "kernel": "runlora" if s.runlora else "peft",
+            "dora": s.dora,
+            "rslora": s.rslora,
             "upcast": s.upcast,
             "chunked_loss": s.chunked_loss,
             "offload_ckpt": s.offload_ckpt,
@@ -223,6 +227,8 @@ def _candidate(arch: ArchSpec, c: Constraints, device: DeviceSpec, knobs: dict[s
         lora_dropout=c.lora_dropout,
         lora_fa=c.lora_fa,
         runlora=c.kernel == "runlora",
+        dora=c.dora,
+        rslora=c.rslora,
         upcast=c.upcast or "all",
         chunked_loss=bool(c.chunked_loss),
         offload_ckpt=bool(c.offload_ckpt),

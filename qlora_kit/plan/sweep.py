@@ -51,6 +51,7 @@ KNOBS: dict[str, tuple[str, Callable[[str], object], str]] = {
     "grad-ckpt": ("grad_ckpt", _bool, "on, off"),
     "lora-fa": ("lora_fa", _bool, "on, off"),
     "kernel": ("kernel", _choice("peft", "runlora"), "peft, runlora"),
+    "dora": ("dora", _bool, "on, off"),
     "upcast": ("upcast", _choice(*UPCASTS), ", ".join(UPCASTS)),
     "chunked-loss": ("chunked_loss", _bool, "on, off"),
     "offload-ckpt": ("offload_ckpt", _bool, "on, off"),
