@@ -159,7 +159,9 @@ def test_cli_writes_the_file_and_refuses_without_gguf(tmp_path, demo_adapter, mo
         == 0
     )
     printed = capsys.readouterr().out
-    assert "into one GGUF file" in printed and "model-q8_0.gguf" in printed and "verified" in printed
+    assert (
+        "into one GGUF file" in printed and "model-q8_0.gguf" in printed and "verification: max |logit diff|" in printed
+    )
     assert (out / "model-q8_0.gguf").stat().st_size > 0
     monkeypatch.setitem(sys.modules, "gguf", None)
     code = main(["export", "--adapter", str(demo_adapter), "--out", str(tmp_path / "o2"), "--format", "gguf"])
