@@ -94,7 +94,21 @@ def test_one_gpu_plans_are_unchanged_by_the_multi_gpu_search():
     arch, card = lookup("llama-2-13b"), resolve_gpu("24GB")
     p = plan(arch, card, Constraints(seq_len=1024))
     assert (p.best.gpus, p.best.strategy) == (1, "ddp")
-    assert p.best.estimate == estimate(arch, p.best.setup)
+    assert p.best.estimate == estimate(arch, p.best.setup, family=card.family)
+
+
+@pytest.mark.parametrize(("card", "gpus"), [("RTX 3090", 1), ("RTX 3090", 2), ("H100", 2)])
+def test_the_plan_estimates_with_the_cards_generation(card, gpus):
+    # cuBLAS's workspace is 8 MiB + 128 KiB on Ampere, 32 MiB on Hopper and on a card of unknown generation
+    arch, device = lookup("llama-2-70b" if card == "RTX 3090" and gpus > 1 else "llama-2-7b"), resolve_gpu(card)
+    p = plan(arch, device, Constraints(gpus=gpus, seq_len=1024))
+    b = p.best
+    assert b.estimate == per_gpu(arch, b.setup, b.gpus, b.strategy, family=device.family)
+    unknown = per_gpu(arch, b.setup, b.gpus, b.strategy)
+    if device.family == "Ampere":
+        assert b.estimate.breakdown["cublas_workspace"] < unknown.breakdown["cublas_workspace"]
+    else:
+        assert b.estimate == unknown
 
 
 def test_plan_json_reports_per_gpu_figures_with_gpus_strategy_and_host_bytes():

@@ -53,6 +53,25 @@ def test_sixteen_bit_base_is_preferred_when_it_fits_and_quantized_when_not():
     assert "16-bit base needs at least" in small.reasons[0]
 
 
+@pytest.mark.parametrize(
+    ("gpu", "constraints", "said"),
+    [
+        # 8 GB needs the offloaded-checkpoints saver, which turns checkpointing on by itself
+        ("8GB", Constraints(), "on: the offloaded-checkpoints saver offloads the checkpointed inputs"),
+        ("12GB", Constraints(offload_ckpt=True), "on: --offload-ckpt offloads the checkpointed inputs"),
+        ("12GB", Constraints(grad_ckpt=True), "on: fixed by --grad-ckpt on"),
+        ("12GB", Constraints(), "on: without it the smallest setting needs"),
+        ("80GB", Constraints(grad_ckpt=False), "off: fixed by --grad-ckpt off"),
+        ("80GB", Constraints(), "off: it fits without recomputing"),
+    ],
+)
+def test_the_checkpointing_reason_names_its_true_cause(gpu, constraints, said):
+    p = plan(lookup("llama-3.1-8b"), resolve_gpu(gpu), constraints)
+    (line,) = [r for r in p.reasons if r.startswith("gradient checkpointing")]
+    assert line.startswith("gradient checkpointing " + said), line
+    assert p.best.setup.grad_ckpt == said.startswith("on")
+
+
 def test_fixed_knobs_are_respected():
     c = Constraints(
         quant="int8",
@@ -101,8 +120,9 @@ def test_shorter_sequence_advice_really_fits():
     p = plan(arch, device, Constraints(seq_len=8192, upcast="all", chunked_loss=False, offload_ckpt=False))
     line = next(a for a in p.advice if "--seq-len" in a)
     seq = int(line.split("--seq-len ")[1].split()[0])
-    assert estimate(arch, p.best.setup.with_(seq_len=seq)).device_bytes <= fit_limit(device)
-    assert estimate(arch, p.best.setup.with_(seq_len=seq + 1)).device_bytes > fit_limit(device)
+    fam = device.family
+    assert estimate(arch, p.best.setup.with_(seq_len=seq), family=fam).device_bytes <= fit_limit(device)
+    assert estimate(arch, p.best.setup.with_(seq_len=seq + 1), family=fam).device_bytes > fit_limit(device)
 
 
 @pytest.mark.parametrize(

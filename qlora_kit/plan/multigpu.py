@@ -148,12 +148,18 @@ def bases(gpus: int, strategy: str | None, quants: list[str]) -> list[tuple[int,
 
 
 def fewest_gpus(
-    arch: ArchSpec, setup: TrainSetup, limit_bytes: int, above: int = 1, allocator: str = "expandable"
+    arch: ArchSpec,
+    setup: TrainSetup,
+    limit_bytes: int,
+    above: int = 1,
+    allocator: str = "expandable",
+    family: str = "",
 ) -> tuple[int, str] | None:
-    """The fewest GPUs (more than ``above``, up to 64) on which ``setup`` fits per GPU: FSDP, else with offload."""
+    """The fewest GPUs (more than ``above``, up to 64) of generation ``family`` on which ``setup`` fits per GPU:
+    FSDP, else with offload."""
     for strategy in ("fsdp", "fsdp-offload"):
         for gpus in (2, 4, 8, 16, 32, 64):
-            if gpus > above and per_gpu(arch, setup, gpus, strategy, allocator).device_bytes <= limit_bytes:
+            if gpus > above and per_gpu(arch, setup, gpus, strategy, allocator, family).device_bytes <= limit_bytes:
                 return gpus, strategy
     return None
 

@@ -233,7 +233,7 @@ def _candidate(arch: ArchSpec, c: Constraints, device: DeviceSpec, knobs: dict[s
         chunked_loss=bool(c.chunked_loss),
         offload_ckpt=bool(c.offload_ckpt),
     )
-    est = multigpu.per_gpu(arch, setup, gpus, strategy, c.allocator)
+    est = multigpu.per_gpu(arch, setup, gpus, strategy, c.allocator, device.family)
     # micro-batch per GPU: the GPUs together make up the effective batch
     accum = max(1, math.ceil(c.effective_batch / (batch * gpus)))
     return Candidate(setup, accum, label, est, est.device_bytes <= fit_limit(device), gpus, strategy)
@@ -285,7 +285,7 @@ def plan(arch: ArchSpec, device: DeviceSpec, c: Constraints) -> Plan:
             reasons = multigpu.reasons(best.estimate, c.gpus, best.gpus, best.strategy)
             if savers:
                 reasons.append("memory savers: nothing fits without " + "; ".join(savers))
-            why = reasons + _reasons(arch, best, cands, device, step) + _context_reasons(arch, best.setup.seq_len, c)
+            why = reasons + _reasons(arch, best, cands, device, step, c) + _context_reasons(arch, best.setup.seq_len, c)
             return Plan(arch, device, best, True, runners, why, [], c.allocator, _rope(arch, best.setup.seq_len, c))
     c = step
     smallest = min(cands, key=lambda x: x.estimate.device_bytes)
@@ -342,7 +342,30 @@ def _notes(arch: ArchSpec, s: TrainSetup) -> list[str]:
     return []
 
 
-def _reasons(arch: ArchSpec, best: Candidate, cands: list[Candidate], device: DeviceSpec, c: Constraints) -> list[str]:
+def _ckpt_reason(best: Candidate, cands: list[Candidate], c: Constraints, user: Constraints) -> str:
+    """Why gradient checkpointing is on or off; ``c`` is the searched constraints (savers added), ``user`` the
+    constraints as given, so a saver the search turned on is told apart from a flag."""
+    s = best.setup
+    if not s.grad_ckpt:
+        if c.grad_ckpt is False:
+            return "gradient checkpointing off: fixed by --grad-ckpt off"
+        return "gradient checkpointing off: it fits without recomputing the forward pass (faster)"
+    if c.grad_ckpt:
+        return "gradient checkpointing on: fixed by --grad-ckpt on"
+    if c.offload_ckpt:
+        cause = "--offload-ckpt" if user.offload_ckpt else "the offloaded-checkpoints saver"
+        return f"gradient checkpointing on: {cause} offloads the checkpointed inputs, so it needs checkpointing"
+    no_ckpt = [
+        x.estimate.device_bytes
+        for x in cands
+        if x.setup.quant == s.quant and not x.setup.grad_ckpt and (x.gpus, x.strategy) == (best.gpus, best.strategy)
+    ]
+    return f"gradient checkpointing on: without it the smallest setting needs {_gib(min(no_ckpt, default=0))}"
+
+
+def _reasons(
+    arch: ArchSpec, best: Candidate, cands: list[Candidate], device: DeviceSpec, c: Constraints, user: Constraints
+) -> list[str]:
     s, limit = best.setup, fit_limit(device)
     reasons: list[str] = []
     reasons += _notes(arch, s)
@@ -363,18 +386,7 @@ def _reasons(arch: ArchSpec, best: Candidate, cands: list[Candidate], device: De
             )
         else:
             reasons.append(f"{s.quant} base: fixed by --quant")
-    if s.grad_ckpt:
-        no_ckpt = [
-            x.estimate.device_bytes
-            for x in cands
-            if x.setup.quant == s.quant and not x.setup.grad_ckpt and (x.gpus, x.strategy) == (best.gpus, best.strategy)
-        ]
-        if c.grad_ckpt is None and no_ckpt:
-            reasons.append(f"gradient checkpointing on: without it the smallest setting needs {_gib(min(no_ckpt))}")
-        else:
-            reasons.append("gradient checkpointing on: fixed by --grad-ckpt")
-    else:
-        reasons.append("gradient checkpointing off: it fits without recomputing the forward pass (faster)")
+    reasons.append(_ckpt_reason(best, cands, c, user))
     reasons.append(
         f"LoRA r={s.rank} on {best.targets_label}"
         + (" (all linear layers, as QLoRA recommends)" if best.targets_label == ALL_LINEAR else "")
@@ -404,7 +416,8 @@ def _advice(arch: ArchSpec, c: Constraints, device: DeviceSpec, smallest: Candid
     while lo < hi:
         mid = (lo + hi + 1) // 2
         shorter = smallest.setup.with_(seq_len=mid)
-        if multigpu.per_gpu(arch, shorter, smallest.gpus, smallest.strategy, c.allocator).device_bytes <= limit:
+        est = multigpu.per_gpu(arch, shorter, smallest.gpus, smallest.strategy, c.allocator, device.family)
+        if est.device_bytes <= limit:
             lo = mid
         else:
             hi = mid - 1
@@ -413,7 +426,7 @@ def _advice(arch: ArchSpec, c: Constraints, device: DeviceSpec, smallest: Candid
     bigger = sorted((d for d in gpu_table() if fit_limit(d) >= need), key=lambda d: d.memory_bytes)
     if bigger:
         advice.append(f"a bigger card: {bigger[0].name} ({bigger[0].memory_gib:.0f} GiB) or larger")
-    more = multigpu.fewest_gpus(arch, smallest.setup, limit, above=c.gpus, allocator=c.allocator)
+    more = multigpu.fewest_gpus(arch, smallest.setup, limit, c.gpus, c.allocator, device.family)
     if more:
         advice.append(
             f"more GPUs: {more[0]} x {device.name} with {more[1]} (`--gpus {more[0]}`; activations are not sharded)"
