@@ -388,10 +388,9 @@ def load_trained_base(
 ) -> tuple[Any, QuantSource]:
     """The base as training loaded it: ``load_base`` with the recorded quantization and the recipe's
     k-bit preparation choices (which parameters go fp32); returns it and its exact quantization."""
-    from qlora_kit.knobs import ROPE_SCALINGS
     from qlora_kit.model.load import load_base
     from qlora_kit.model.lora import prepare
-    from qlora_kit.recipe import ModelSpec, QuantSpec
+    from qlora_kit.recipe import QuantSpec
 
     recorded = metadata.recipe_section("quant") if metadata else {}
     known = {f.name for f in dataclasses.fields(QuantSpec)}
@@ -403,18 +402,25 @@ def load_trained_base(
             "compute_dtype": qsource.compute_dtype or _stored_dtype(base_path),
         }
     )
-    # RoPE stretched as training stretched it (model.rope_scaling to data.max_seq_len): other rotary
-    # frequencies would be another model
+    spec, seq_len = trained_spec(base_path, metadata, trust_remote_code)
+    base = load_base(spec, qspec, device_map=device_map, seq_len=seq_len)
+    loaded = prepare(base, qspec, False)
+    return loaded, QuantSource(qspec.mode, qspec.double_quant, qspec.compute_dtype)
+
+
+def trained_spec(base_path: Path, metadata: RunMetadata | None, trust_remote_code: bool) -> tuple[Any, int | None]:
+    """The base's ``ModelSpec`` and sequence length as training saw them: RoPE stretched as the recipe
+    stretched it (``model.rope_scaling`` to ``data.max_seq_len``), since other rotary frequencies would make
+    another model. ``model.load.stretched_config(*trained_spec(...))`` is that model's config."""
+    from qlora_kit.knobs import ROPE_SCALINGS
+    from qlora_kit.recipe import ModelSpec
+
     rope = metadata.recipe_section("model").get("rope_scaling") if metadata else None
     seq_len = metadata.recipe_section("data").get("max_seq_len") if metadata else None
     spec = ModelSpec(
-        name=str(base_path),
-        trust_remote_code=trust_remote_code,
-        rope_scaling=rope if rope in ROPE_SCALINGS else "none",
+        name=str(base_path), trust_remote_code=trust_remote_code, rope_scaling=rope if rope in ROPE_SCALINGS else "none"
     )
-    base = load_base(spec, qspec, device_map=device_map, seq_len=seq_len if isinstance(seq_len, int) else None)
-    loaded = prepare(base, qspec, False)
-    return loaded, QuantSource(qspec.mode, qspec.double_quant, qspec.compute_dtype)
+    return spec, seq_len if isinstance(seq_len, int) else None
 
 
 def _with_adapter(loaded: Any, adapter_path: Path, base_path: Path) -> Any:

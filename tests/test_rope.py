@@ -274,6 +274,7 @@ def test_training_past_the_native_context_with_yarn(tmp_path: Path, monkeypatch:
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] == r["loss"] and r["loss"] < 100 for r in rows)
     _generate_loads_the_stretched_base(tmp_path / "run", result.model)
+    _the_export_carries_the_stretch(tmp_path / "run", result.model, tmp_path)
 
 
 def _generate_loads_the_stretched_base(run: Path, trained) -> None:
@@ -312,3 +313,27 @@ class _Quiet:
 
     def finish(self, summary: dict[str, object]) -> None:
         pass
+
+
+def _the_export_carries_the_stretch(run: Path, trained, tmp_path: Path) -> None:
+    """The merged export's config.json stretches RoPE as training did, so plain transformers computes the
+    trained model's logits at positions past the native context; the GGUF export refuses in one line."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.export.gguf import export_gguf
+    from qlora_kit.export.run import export
+
+    summary = export(run, tmp_path / "merged", dtype="fp32")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 2.0
+    assert config["rope_parameters"]["original_max_position_embeddings"] == 32 and "rope_scaling" not in config
+    assert summary["verification"]["max_abs_diff"] < 1e-3, summary["verification"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = trained.eval()(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(expected, got, atol=1e-3), (expected - got).abs().max()
+    with pytest.raises(UsageError, match=r"RoPE stretched \(yarn, factor 2.0\).*GGUF"):
+        export_gguf(run, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()

@@ -285,6 +285,12 @@ def export_gguf(
     )
     layout, adapter_path, base_path, out = inputs.layout, inputs.adapter.path, inputs.base_path, inputs.out
     gguf_arch(layout.config)
+    if inputs.rope is not None:
+        raise UsageError(
+            f"the adapter was trained with RoPE stretched ({inputs.rope.get('rope_type')}, factor "
+            f"{inputs.rope.get('factor')}), which the GGUF export does not write yet",
+            "export with --format hf (its config.json carries the scaling)",
+        )
     plan = plan_export(inputs.checkpoint, layout, inputs.adapter, inputs.qsource, merge_into, torch.float32, 1 << 62)
     for note in plan.notes:
         reporter.message(note)

@@ -34,6 +34,7 @@ from qlora_kit.adapter import (
     quant_source,
     read_metadata,
     resolve_base,
+    trained_spec,
 )
 from qlora_kit.errors import UsageError
 from qlora_kit.export.layout import Adapter, Layout, read_adapter
@@ -41,6 +42,7 @@ from qlora_kit.export.merge import Plan, plan_export, write_shards
 from qlora_kit.export.report import ExportReporter, SilentReporter
 from qlora_kit.export.shards import Checkpoint, open_checkpoint, parse_size
 from qlora_kit.export.verify import size_text, verification_skipped, verify_export
+from qlora_kit.model.load import stretched_config
 
 MERGE_MODES = ("dequantized", "original")
 OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -119,6 +121,7 @@ def export(
         inputs.layout,
         plan,
         trust_remote_code,
+        inputs.rope,
     )
     summary = _write(job, inputs.checkpoint, verify, reporter)
     summary["elapsed_s"] = round(time.perf_counter() - started, 2)
@@ -136,6 +139,7 @@ class Inputs:
     qsource: QuantSource
     checkpoint: Checkpoint
     layout: Layout
+    rope: dict[str, Any] | None  # the rotary parameters training stretched the base to, else None
 
 
 def read_inputs(
@@ -169,7 +173,9 @@ def read_inputs(
     if not qsource.compute_dtype:  # transformers 5 loads in the checkpoint's dtype unless told otherwise
         qsource = QuantSource(qsource.mode, qsource.double_quant, checkpoint.float_dtype_name())
     layout = model_layout(base_path, qsource if merge_into == "dequantized" else None, trust_remote_code)
-    return Inputs(adapter, base_path, out, qsource, checkpoint, layout)
+    stretched = stretched_config(*trained_spec(base_path, metadata, trust_remote_code))
+    rope = dict(stretched.get_text_config().rope_parameters) if stretched is not None else None
+    return Inputs(adapter, base_path, out, qsource, checkpoint, layout, rope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +191,7 @@ class _Job:
     layout: Layout
     plan: Plan
     trust_remote_code: bool
+    rope: dict[str, Any] | None
 
 
 def _write(job: _Job, checkpoint: Checkpoint, verify: bool | None, reporter: ExportReporter) -> dict[str, Any]:
@@ -196,7 +203,7 @@ def _write(job: _Job, checkpoint: Checkpoint, verify: bool | None, reporter: Exp
     with staged(out) as tmp:
         reporter.start("merge", plan.total_bytes)
         write_shards(tmp, plan, checkpoint, reporter.advance)
-        _write_config(tmp, job.base_path, plan, job.dtype)
+        _write_config(tmp, job.base_path, plan, job.dtype, job.rope)
         for name, src in extra_files.items():
             shutil.copy2(src, tmp / name)
         merge_rss = _peak_rss_bytes()
@@ -337,9 +344,14 @@ def _bnb_replaced(model: Any) -> set[str]:
     }
 
 
-def _write_config(tmp: Path, base_path: Path, plan: Plan, dtype: str) -> None:
-    """The base's config.json, with the output dtype, no quantization_config, and ties broken if needed."""
+def _write_config(tmp: Path, base_path: Path, plan: Plan, dtype: str, rope: dict[str, Any] | None) -> None:
+    """The base's config.json, with the output dtype, no quantization_config, ties broken if needed, and RoPE
+    stretched as training stretched it (``rope``: transformers 5's ``rope_parameters``)."""
     config = json.loads((base_path / "config.json").read_text())
+    if rope is not None:
+        text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+        text.pop("rope_scaling", None)  # the pre-5 spelling, which would contradict it
+        text["rope_parameters"] = rope
     torch_name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)

@@ -191,20 +191,27 @@ def _reference_model(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from qlora_kit.adapter import read_metadata, trained_spec
+    from qlora_kit.model.load import stretched_config
+
+    base, seq_len = trained_spec(base_path, read_metadata(adapter_path), trust_remote_code)  # RoPE as trained
     if merge_into == "original" or qsource.mode == "none":
         load = LOAD_DTYPES[qsource.compute_dtype] if merge_into == "dequantized" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=load, trust_remote_code=trust_remote_code)
+        stretched = stretched_config(base, seq_len)
+        kwargs = {"config": stretched} if stretched is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            base_path, dtype=load, trust_remote_code=trust_remote_code, **kwargs
+        )
         model = model.float()
     else:
         import bitsandbytes as bnb
         from peft import prepare_model_for_kbit_training
 
         from qlora_kit.model.load import load_base
-        from qlora_kit.recipe import ModelSpec, QuantSpec
+        from qlora_kit.recipe import QuantSpec
 
         spec = QuantSpec(qsource.mode, qsource.double_quant, qsource.compute_dtype)
-        base = ModelSpec(name=str(base_path), trust_remote_code=trust_remote_code)
-        model = load_base(base, spec, device_map={"": "cpu"})
+        model = load_base(base, spec, device_map={"": "cpu"}, seq_len=seq_len)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         for name, module in list(model.named_modules()):
             if isinstance(module, bnb.nn.Linear4bit):
