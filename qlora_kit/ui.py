@@ -42,6 +42,7 @@ TERM_LABELS = {
     "cuda_context": "CUDA context",
     "ddp_buckets": "DDP gradient buckets",
     "fsdp_gathered": "FSDP gathered layers (full size)",
+    "nccl_buffers": "NCCL ring buffers (outside torch's allocator)",
 }
 
 

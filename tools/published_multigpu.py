@@ -54,16 +54,30 @@ def row_setup(row: dict[str, str]) -> TrainSetup:
     )
 
 
+# DeepSpeed ZeRO-3 (deepspeed/runtime/zero/stage3.py, config.py), as accelerate's config-file plugin sets it up: the
+# plugin writes no bucket sizes, so DeepSpeed's defaults hold. With ``contiguous_gradients`` (default True) the
+# optimizer allocates, at its start and for the whole run, one gradient bucket of ``reduce_bucket_size`` (default
+# 5e8) elements per gradient dtype on the GPU: bf16 here (the engine casts the module to bf16 under bf16 mixed
+# precision), 1e9 bytes. Its LoRA state comes to FSDP's fp32 figure (a bf16 partition, an fp32 master copy, bf16
+# gradients, fp32 Adam moments: 8 B per element over the GPUs).
+ZERO3_REDUCE_BUCKET = 500_000_000 * 2
+
+
+def stack_bytes(row: dict[str, str], est: Estimate) -> int:
+    """What the row's stack holds beyond the ``per_gpu`` figure (negative where it holds less)."""
+    if "NO_SHARD" in row["implementation"]:  # FSDP's NO_SHARD has no DistributedDataParallel buckets
+        return -est.breakdown.get("ddp_buckets", 0)
+    if "DeepSpeed ZeRO-3" in row["implementation"]:
+        return ZERO3_REDUCE_BUCKET
+    return 0
+
+
 def predict(row: dict[str, str]) -> float:
     # Answer.AI's "bf16" precision keeps the LoRA weights, gradients and Adam state in bf16 (lora_bytes=2)
     lora_bytes = 2 if row["lora_dtype"] == "bf16" else 4
     strategy, gpus = row["strategy"], int(row["gpus"])
     est = per_gpu(lookup(row["model"]), row_setup(row), gpus, strategy, "caching", gpu_family(row["gpu"]), lora_bytes)
-    b = dict(est.breakdown)
-    adjust = 0
-    if "NO_SHARD" in row["implementation"]:  # FSDP's NO_SHARD has no DistributedDataParallel buckets
-        adjust -= b.get("ddp_buckets", 0)
-    return _quantity(est, row["quantity"], adjust) / UNITS[row["unit"]]
+    return _quantity(est, row["quantity"], stack_bytes(row, est)) / UNITS[row["unit"]]
 
 
 def _quantity(est: Estimate, quantity: str, adjust: int) -> int:

@@ -26,7 +26,8 @@ every leaf module whose weight trains) and the root (embeddings, head, final nor
 - Adam's state is two shards per LoRA unit on the GPU, none under offload (the step runs on the host).
 
 Left out: the LoRA units' own all-gathers (a few MiB at most, mostly the small pool), NCCL's buffers (outside
-torch's allocator), the cuBLASLt workspace (1 MiB).
+torch's allocator: :func:`qlora_kit.plan.multigpu.nccl_buffer_bytes` adds them to the device figure), the cuBLASLt
+workspace (1 MiB).
 """
 
 from __future__ import annotations

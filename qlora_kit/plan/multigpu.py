@@ -18,9 +18,14 @@ per GPU. ``host_bytes`` is the host RAM the whole machine needs for offloaded st
 - ``fsdp-offload``: as ``fsdp``, but the sharded parameters, gradients and optimizer state live in
   host RAM (``CPUOffloadPolicy``); the GPU keeps the replicated and gathered bytes only.
 
+Every multi-GPU strategy also holds NCCL's ring buffers, outside torch's allocator (so in ``device_bytes``,
+not in reserved): :func:`nccl_buffer_bytes`.
+
 DeepSpeed ZeRO-3 shards the same things as FSDP; the published ZeRO-3 measurement is compared with
-the ``fsdp`` figures (README). Not modelled: NCCL's own buffers (outside torch's allocator), the
-all-gather of the next layer overlapping the current one beyond ``GATHERED_LAYERS``.
+the ``fsdp`` figures plus DeepSpeed's own gradient bucket (``tools/published_multigpu.py``). Not modelled:
+the all-gather of the next layer overlapping the current one beyond ``GATHERED_LAYERS``; NCCL's tree
+connections (FSDP's all-gathers and reduce-scatters run on the ring; NCCL 2.22+ connects an algorithm's
+channels only when a collective first uses it) and NVLink SHARP (NVLS) buffers.
 """
 
 from __future__ import annotations
@@ -34,6 +39,32 @@ from qlora_kit.plan.memory import Estimate, cublas_workspace_bytes, estimate
 
 SHARDED = ("linear_weights", "other_params", "lora_params", "lora_grads", "optimizer_state")
 GATHERED_LAYERS = 2
+
+# NCCL's per-connection buffers (src/init.cc DEFAULT_*BUFFSIZE, src/include/device.h): LL 8 lines x 512 threads x
+# NCCL_STEPS 8 x 16 B, LL128 120 elements x 640 threads x 8 steps x 8 B, Simple 4 MiB (NCCL_BUFFSIZE). The P2P
+# transport (src/transport/p2p.cc) puts all three on the receiving side of a connection (the Simple one on the
+# sending side under P2P read, the same total) next to the ncclRecvMem/ncclSendMem headers, each side rounded up
+# to CUDA_IPC_MIN (2 MiB). A ring channel gives each rank one receiving and one sending connection.
+CUDA_IPC_MIN = 2 << 20
+NCCL_LL, NCCL_LL128, NCCL_SIMPLE = 8 * 512 * 8 * 16, 120 * 640 * 8 * 8, 4 << 20
+NCCL_HEADER = 4096  # ncclSendMem / ncclRecvMem (src/include/comm.h): padded to MEM_ALIGN, 4 KiB
+# The fewest ring channels NCCL builds: one found by its topology search (PCIe; NVLink finds more), doubled by
+# ncclTopoPostset (src/graph/connect.cc). An NVLink pair gets more (NCCL's search on an A100 NVSwitch pair: 6 at
+# 40 GB/s, duplicated to 12 by ncclTopoDupChannels, 24 after ncclTopoPostset); the card's links are not known.
+NCCL_RING_CHANNELS = 2
+
+
+def _ipc_round(n: int) -> int:
+    return -(-n // CUDA_IPC_MIN) * CUDA_IPC_MIN
+
+
+def nccl_buffer_bytes(gpus: int, channels: int = NCCL_RING_CHANNELS) -> int:
+    """NCCL's device buffers of one rank's ring (0 on one GPU): per channel a receiving connection with the LL, LL128
+    and Simple buffers and a sending one, each rounded up to 2 MiB (12 MiB a channel at NCCL's defaults)."""
+    if gpus <= 1:
+        return 0
+    per_channel = _ipc_round(NCCL_HEADER + NCCL_LL + NCCL_LL128 + NCCL_SIMPLE) + _ipc_round(NCCL_HEADER)
+    return channels * per_channel
 
 
 def root_param_bytes(arch: ArchSpec, est: Estimate) -> int:
@@ -102,12 +133,13 @@ def per_gpu(
     allocated = sum(b.values())
     b["allocator_slack"] = slack
     b["cuda_context"] = cuda_context
+    b["nccl_buffers"] = nccl_buffer_bytes(gpus)
     paged = 0 if strategy == "fsdp-offload" else math.ceil(single.paged_bytes / (1 if strategy == "ddp" else gpus))
     return dataclasses.replace(
         single,
         peak_allocated_bytes=allocated,
         peak_reserved_bytes=allocated + slack,
-        device_bytes=allocated + slack + cuda_context,
+        device_bytes=allocated + slack + cuda_context + b["nccl_buffers"],
         paged_bytes=paged,
         breakdown=b,
         host_bytes=host,
