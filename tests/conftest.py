@@ -98,6 +98,22 @@ def quiet_hf() -> None:
 
 
 @pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The export tests' tiny llama (``test_export.LLAMA``), saved once per module."""
+    from test_export import LLAMA
+
+    return build_tiny_model(LLAMA, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def llama_adapter(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A peft LoRA adapter with random A and B on :func:`llama`."""
+    from test_export import make_adapter
+
+    return make_adapter(llama, tmp_path_factory.mktemp("llama-adapter"))
+
+
+@pytest.fixture(scope="module")
 def loaded(demo_adapter: Path) -> Any:
     """The demo adapter loaded for inference: (model, tokenizer, info)."""
     from qlora_kit.adapter import load_for_inference

@@ -26,8 +26,14 @@ STEPS = 4
 def recipe(out: Path, micro_batch: int, **extra: object):
     from qlora_kit.recipe import load_recipe
 
+    return load_recipe(DEMO, sets(out.parent / "base", out, micro_batch, **extra))  # ``base`` below
+
+
+def sets(base: Path, out: Path, micro_batch: int, **extra: object) -> list[str]:
+    """The ``--set`` overrides of the demo recipe every distributed test trains: one random-init base for
+    every run, checkpoints every 2 steps unless ``extra`` says otherwise."""
     overrides = {
-        "model.name": str(out.parent / "base"),  # one random-init base for every run (``base`` below)
+        "model.name": str(base),
         "model.random_init": False,
         "train.output_dir": str(out),
         "train.max_steps": STEPS,
@@ -43,7 +49,7 @@ def recipe(out: Path, micro_batch: int, **extra: object):
         "lora.dropout": 0.0,  # dropout masks depend on how rows are split across ranks
         **extra,
     }
-    return load_recipe(DEMO, [f"{k}={v}" for k, v in overrides.items()])
+    return [f"{k}={v}" for k, v in overrides.items()]
 
 
 def losses(out: Path) -> list[float]:

@@ -44,11 +44,8 @@ FALCON = {
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+def _quiet(quiet_hf):
+    pass
 
 
 def make_adapter(base: Path, out: Path, targets="all-linear", seed: int = 1, **lora) -> Path:
@@ -79,18 +76,6 @@ def write_metadata(adapter: Path, base: Path, mode: str, double_quant: bool = Fa
     }
     (adapter / "qlora_kit.json").write_text(json.dumps(meta))
     return adapter
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    from conftest import build_tiny_model
-
-    return build_tiny_model(LLAMA, tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def llama_adapter(llama, tmp_path_factory):
-    return make_adapter(llama, tmp_path_factory.mktemp("llama-adapter"))
 
 
 def adapter_for(llama_adapter: Path, tmp_path: Path, llama: Path, mode: str, dq: bool = False, cd: str = "fp32"):

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_distributed import sets as distributed_sets
 
 from qlora_kit.errors import UsageError
 from qlora_kit.train.distributed import (
@@ -35,23 +36,7 @@ LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 
 
 def sets(base: Path, out: Path, micro_batch: int) -> list[str]:
-    overrides = {
-        "model.name": str(base),  # one random-init base for every run
-        "model.random_init": "false",
-        "train.output_dir": str(out),
-        "train.max_steps": STEPS,
-        "train.micro_batch": micro_batch,
-        "train.grad_accum": 2,
-        "train.save_steps": 0,
-        "train.logging_steps": 1,
-        "train.eval_steps": 0,
-        "train.warmup_steps": 0,
-        "train.lr": 0.01,
-        "data.max_seq_len": 32,
-        "data.eval_fraction": 0.0,
-        "lora.dropout": 0.0,  # dropout masks depend on how rows are split across ranks
-    }
-    return [f"{k}={v}" for k, v in overrides.items()]
+    return distributed_sets(base, out, micro_batch, **{"train.save_steps": 0})
 
 
 def train_args(base: Path, out: Path, micro_batch: int) -> list[str]:

@@ -8,27 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_export import LLAMA, adapter_for, make_adapter
+from test_export import adapter_for
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    from conftest import build_tiny_model
-
-    return build_tiny_model(LLAMA, tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def llama_adapter(llama, tmp_path_factory):
-    return make_adapter(llama, tmp_path_factory.mktemp("llama-adapter"))
+pytestmark = pytest.mark.usefixtures("quiet_hf")
 
 
 @pytest.fixture()

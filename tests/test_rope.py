@@ -228,6 +228,7 @@ def test_training_past_the_native_context_with_yarn(tmp_path: Path, monkeypatch:
     trains carries the scaling, and its rotary embedding sees positions past 32."""
     import qlora_kit.model.load as load
     from qlora_kit.train.loop import train
+    from qlora_kit.train.outputs import SilentReporter
 
     base = tmp_path / "base"
     base.mkdir()
@@ -266,7 +267,7 @@ def test_training_past_the_native_context_with_yarn(tmp_path: Path, monkeypatch:
     }
     sections = ("model", "quant", "data", "train")
     recipe = build_recipe({s: {k.split(".")[1]: v for k, v in sets.items() if k.startswith(s + ".")} for s in sections})
-    result = train(recipe, _Quiet())
+    result = train(recipe, SilentReporter())
     params = result.model.get_base_model().config.rope_parameters
     assert params["rope_type"] == "yarn" and params["factor"] == 2.0
     assert params["original_max_position_embeddings"] == 32
@@ -299,20 +300,6 @@ def _generate_loads_the_stretched_base(run: Path, trained) -> None:
         got, unstretched = loaded(input_ids=ids).logits, plain(input_ids=ids).logits
     assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
     assert not torch.allclose(expected, unstretched, atol=1e-3)
-
-
-class _Quiet:
-    def message(self, text: str) -> None:
-        pass
-
-    def start(self, total_steps: int, start_step: int) -> None:
-        pass
-
-    def step(self, metrics: dict[str, object]) -> None:
-        pass
-
-    def finish(self, summary: dict[str, object]) -> None:
-        pass
 
 
 def _the_export_carries_the_stretch(run: Path, trained, tmp_path: Path) -> None:

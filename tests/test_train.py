@@ -12,22 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from qlora_kit.train.outputs import SilentReporter
+
 ROOT = Path(__file__).resolve().parent.parent
+Quiet = SilentReporter
 DEMO = ROOT / "recipes" / "tiny" / "cpu_demo.yaml"
-
-
-class Quiet:
-    def message(self, text):
-        pass
-
-    def start(self, total_steps, start_step):
-        pass
-
-    def step(self, metrics):
-        pass
-
-    def finish(self, summary):
-        pass
 
 
 def demo_recipe(out: Path, **train):

@@ -37,6 +37,7 @@ def run_one(variant: str, steps: int, out: Path) -> dict[str, float]:
     """Train one variant in this process; its held-out loss, median step time and peak RSS."""
     from qlora_kit.recipe import load_recipe
     from qlora_kit.train.loop import train
+    from qlora_kit.train.outputs import SilentReporter
 
     sets = {
         **VARIANTS[variant],
@@ -47,7 +48,7 @@ def run_one(variant: str, steps: int, out: Path) -> dict[str, float]:
         "train.logging_steps": 1,
     }
     recipe = load_recipe(RECIPE, [f"{k}={v}" for k, v in sets.items()])
-    train(recipe, _Silent())
+    train(recipe, SilentReporter())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed_s"] for r in rows]
     return {
@@ -56,20 +57,6 @@ def run_one(variant: str, steps: int, out: Path) -> dict[str, float]:
         "step_s": statistics.median(b - a for a, b in itertools.pairwise(elapsed)),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
-
-
-class _Silent:
-    def message(self, text: str) -> None:
-        pass
-
-    def start(self, total_steps: int, start_step: int) -> None:
-        pass
-
-    def step(self, metrics: dict[str, object]) -> None:
-        pass
-
-    def finish(self, summary: object) -> None:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
