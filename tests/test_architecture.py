@@ -21,6 +21,9 @@ LAYERS = {
     "measure": 6, "ui": 6,
     "cli": 7, "__main__": 8, "__init__": 8,
 }  # fmt: skip
+# inside cli/: one module per verb; a verb may share only what cli/common.py holds, and only the
+# package's __init__ (main) knows every verb
+CLI_SHARED = ("qlora_kit.cli.common",)
 TORCH_FREE = ("errors", "knobs", "recipe", "catalog", "plan")
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
 
@@ -56,4 +59,13 @@ def test_rooms_import_only_downwards() -> None:
 
 def test_the_planner_side_never_imports_torch() -> None:
     bad = [f"{file} imports {m}" for room, file, m in _imports() if room in TORCH_FREE and m.split(".")[0] in HEAVY]
+    assert bad == []
+
+
+def test_cli_verbs_import_no_other_verb() -> None:
+    bad = [
+        f"{file} imports {m}"
+        for room, file, m in _imports()
+        if room == "cli" and file != "cli/__init__.py" and m.startswith("qlora_kit.cli") and m not in CLI_SHARED
+    ]
     assert bad == []

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_kit.cli import _build_parser, main
+from qlora_kit.cli import build_parser, main
 from qlora_kit.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +202,7 @@ def _verbs(parser: argparse.ArgumentParser, name: str = "qlora-kit"):
 
 def test_every_verb_has_a_description_and_every_option_help():
     problems = []
-    for name, parser in _verbs(_build_parser()):
+    for name, parser in _verbs(build_parser()):
         if not parser.description:
             problems.append(f"{name}: no description")
         for action in parser._actions:

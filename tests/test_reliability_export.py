@@ -75,9 +75,9 @@ def test_a_base_with_custom_code_names_the_flag(adapter, llama, tmp_path, capsys
 
 
 def test_the_flag_is_on_every_command_that_loads_a_model():
-    from qlora_kit.cli import _build_parser
+    from qlora_kit.cli import build_parser
 
-    parser = _build_parser()
+    parser = build_parser()
     for argv in (
         ["train", "r.yaml"],
         ["export", "--adapter", "a", "--out", "o"],

@@ -175,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         # before torch loads: bitsandbytes' CPU dequantize of odd shapes falls back to torch.compile
         os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
         import torch
-        from transformers.utils import logging as hf_logging
 
+        from qlora_kit.cli.common import quiet_libraries
         from qlora_kit.measure import report as measure
 
-        hf_logging.disable_progress_bar()
+        quiet_libraries()  # bitsandbytes' per-call int8 notes and transformers' loading bars
         torch.set_num_threads(args.threads)
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError("--device cuda but torch sees no GPU", "run on a GPU machine or use --device cpu")

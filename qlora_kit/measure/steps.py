@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import time
 import warnings
 from collections.abc import Mapping
@@ -53,8 +52,6 @@ from qlora_kit.measure.tensors import (
 from qlora_kit.model.load import load_base, torch_dtype
 from qlora_kit.model.lora import apply_lora, prepare
 from qlora_kit.recipe import LoraSpec, ModelSpec, QuantSpec
-
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 MAX_GRAD_NORM = 1.0  # TrainSpec.max_grad_norm's default
 STATIC = ("linear_weights", "quant_state", "other_params", "lora_params", "lora_grads", "optimizer_state")

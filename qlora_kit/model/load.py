@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,9 +22,6 @@ if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig, PreTrainedModel
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-# bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 call (STACK.md)
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def resolve_model_spec(spec: ModelSpec) -> ModelSpec:
