@@ -1,8 +1,10 @@
 """What an adapter directory says about its base: ``qlora_kit.json`` (written last by ``train``), the
-quantization the adapter was trained against, where the base is, and whether it is the same base.
+quantization the adapter was trained against, where the base is, whether it is the same base, and
+loading that base the way training loaded it.
 
 Shared by ``export``, ``generate`` and ``eval``, so that every command reads an adapter's files, finds
-and checks the base, and refuses unsafe or broken files the same way.
+and checks the base, and refuses unsafe or broken files the same way. Loading an adapter (or a merged
+model) for ``generate`` and ``eval`` is :mod:`qlora_kit.infer.load`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 
 from qlora_kit.errors import UsageError
 from qlora_kit.knobs import DTYPES, QUANTS
-from qlora_kit.model.lora import check_dora_runs
 
 METADATA_FILE = "qlora_kit.json"  # what `qlora-kit train` writes last (train.METADATA_FILE)
 QUANT_MODES = QUANTS
@@ -284,103 +285,7 @@ def check_fingerprint(metadata: RunMetadata | None, base_path: Path) -> None:
         )
 
 
-# -- loading for inference (generate, eval) -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadedInfo:
-    """What :func:`load_for_inference` loaded: the base, how it is quantized, the adapter (if any)."""
-
-    base: str
-    quant: QuantSource
-    adapter: str | None = None
-    recipe: dict[str, Any] | None = None  # the training recipe, from qlora_kit.json
-
-
-@dataclass(frozen=True)
-class Trust:
-    """What the user allowed on the command line: remote code, pickle files."""
-
-    remote_code: bool = False
-    pickle: bool = False
-
-
-def load_for_inference(
-    adapter: str | None = None,
-    model: str | None = None,
-    *,
-    base: str | None = None,
-    quant: str | None = None,
-    double_quant: bool | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> tuple[Any, Any, LoadedInfo]:
-    """(model in eval mode, tokenizer, info) for an adapter on its base, or a plain/merged model.
-
-    An adapter's base is loaded the way training loaded it (:func:`load_trained_base`), then
-    ``PeftModel.from_pretrained``; int8 layers run the forward training ran (see
-    ``export.verify._reference_model``). A plain model (``model``, e.g. a merged export) is loaded
-    unquantized in fp32 on the CPU (16-bit matmuls are slow there), as stored on a GPU.
-    """
-    if (adapter is None) == (model is None):
-        raise UsageError("give exactly one of --adapter and --model", "--adapter DIR (a LoRA run) or --model DIR")
-    trust = Trust(trust_remote_code, allow_pickle)
-    if model is not None:
-        if base or quant or double_quant is not None:
-            raise UsageError("--base/--quant/--double-quant go with --adapter", "leave them out with --model")
-        return _load_plain(model, trust)
-    return _load_adapter(Path(adapter or ""), base, quant, double_quant, trust)
-
-
-def _device_map() -> Any:
-    import torch
-
-    return {"": 0} if torch.cuda.is_available() else None
-
-
-def _load_plain(model: str, trust: Trust) -> tuple[Any, Any, LoadedInfo]:
-    from qlora_kit.catalog.bundled import resolve
-    from qlora_kit.model.load import load_base, load_tokenizer
-    from qlora_kit.recipe import ModelSpec, QuantSpec
-
-    spec = ModelSpec(name=resolve(model), trust_remote_code=trust.remote_code)
-    _check_model_dir(spec.name)
-    if Path(spec.name).is_dir():
-        check_trust(None, Path(spec.name), trust.remote_code)
-    device_map = _device_map()
-    plain = QuantSpec("none", False, _stored_dtype(Path(spec.name)) if device_map else "fp32")
-    loaded = load_base(spec, plain, device_map=device_map)
-    info = LoadedInfo(spec.name, QuantSource("none", False, plain.compute_dtype))
-    return _for_generation(loaded), load_tokenizer(spec), info
-
-
-def _load_adapter(
-    adapter_path: Path, base: str | None, quant: str | None, double_quant: bool | None, trust: Trust
-) -> tuple[Any, Any, LoadedInfo]:
-    from qlora_kit.model.load import load_tokenizer
-    from qlora_kit.recipe import ModelSpec
-
-    config = adapter_config(adapter_path)
-    check_factor_ranks(adapter_weights(adapter_path, trust.pickle), adapter_path)
-    metadata = read_metadata(adapter_path)
-    if metadata is None and quant is None:
-        raise UsageError(
-            f"{adapter_path} has no {METADATA_FILE} (not made by qlora-kit), so its base's quantization is unknown",
-            "pass --quant nf4|fp4|int8|none (and --double-quant/--no-double-quant for nf4/fp4)",
-        )
-    qsource = quant_source(metadata, quant, double_quant, None, "dequantized")
-    assert qsource is not None  # quant is known: from the metadata or the caller
-    base_path = resolve_base(base, metadata, config.get("base_model_name_or_path"), adapter_path)
-    check_fingerprint(metadata, base_path)
-    check_trust(metadata, base_path, trust.remote_code)
-    check_dora_runs(bool(config.get("use_dora")) and qsource.mode == "int8" and _device_map() is None)
-    loaded, qsource = load_trained_base(base_path, qsource, metadata, trust.remote_code, _device_map())
-    peft_model = _with_adapter(loaded, adapter_path, base_path)
-    has_tokenizer = any((adapter_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    source = adapter_path if has_tokenizer else base_path
-    tokenizer = load_tokenizer(ModelSpec(name=str(source), trust_remote_code=trust.remote_code))
-    info = LoadedInfo(str(base_path), qsource, str(adapter_path), metadata.recipe if metadata else None)
-    return _for_generation(peft_model), tokenizer, info
+# -- the base as training loaded it (inference, export) -----------------------------------------------
 
 
 def load_trained_base(
@@ -399,7 +304,7 @@ def load_trained_base(
             **{k: v for k, v in recorded.items() if k in known},
             "mode": qsource.mode,
             "double_quant": qsource.double_quant,
-            "compute_dtype": qsource.compute_dtype or _stored_dtype(base_path),
+            "compute_dtype": qsource.compute_dtype or stored_dtype(base_path),
         }
     )
     spec, seq_len = trained_spec(base_path, metadata, trust_remote_code)
@@ -423,46 +328,9 @@ def trained_spec(base_path: Path, metadata: RunMetadata | None, trust_remote_cod
     return spec, seq_len if isinstance(seq_len, int) else None
 
 
-def _with_adapter(loaded: Any, adapter_path: Path, base_path: Path) -> Any:
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(loaded, adapter_path)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        first = next((line for line in lines if "size mismatch" in line), lines[0])  # torch: header, then why
-        raise UsageError(
-            f"the adapter in {adapter_path} does not fit the base {base_path}: {first[:300]}",
-            "pass --base with the model the adapter was trained on",
-        ) from None
-
-
-def _stored_dtype(model_dir: Path) -> str:
+def stored_dtype(model_dir: Path) -> str:
     """The checkpoint's float dtype name (what transformers 5 loads by default): fp16/bf16/fp32."""
     path = model_dir / "config.json"
     config = read_json_object(path, "re-download or re-save the model") if path.is_file() else {}
     stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return {"float16": "fp16", "bfloat16": "bf16"}.get(stored, "fp32")
-
-
-def _check_model_dir(name: str) -> None:
-    path = Path(name).expanduser()
-    if name.startswith(("/", "./", "../", "~")) and not path.is_dir():
-        raise UsageError(f"model directory {name} does not exist", "pass --model with a merged export's directory")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise UsageError(f"{name} is not a model directory (no config.json)", "pass --model with a saved model")
-
-
-def _for_generation(model: Any) -> Any:
-    """Eval mode with the KV cache on (``load_base`` turns it off for training). On the CPU, LLM.int8
-    layers keep their training forward (dequantize + fp32 matmul), as export's verification does: the
-    eval forward also quantizes the activations (logits 7e-3 off the merged export on a tiny model)."""
-    import torch
-
-    model.eval()
-    if not torch.cuda.is_available():
-        for module in model.modules():
-            if type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes"):
-                module.train()
-    model.config.use_cache = True
-    return model

@@ -116,6 +116,6 @@ def llama_adapter(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="module")
 def loaded(demo_adapter: Path) -> Any:
     """The demo adapter loaded for inference: (model, tokenizer, info)."""
-    from qlora_kit.adapter import load_for_inference
+    from qlora_kit.infer.load import load_for_inference
 
     return load_for_inference(adapter=str(demo_adapter))

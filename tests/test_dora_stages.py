@@ -221,7 +221,7 @@ def test_a_trained_dora_adapter_is_peft_dora_with_trained_magnitudes(dora_run):
     magnitudes = {k: v for k, v in tensors.items() if "lora_magnitude_vector" in k}
     assert len(magnitudes) == 4 * 7  # every linear of the four blocks
     # peft initializes m to the row norms of W' + s BA = W' (B starts at zero); training moved them
-    from qlora_kit.adapter import load_for_inference
+    from qlora_kit.infer.load import load_for_inference
 
     model, _, _ = load_for_inference(adapter=str(dora_run))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -237,9 +237,9 @@ def test_a_trained_dora_adapter_is_peft_dora_with_trained_magnitudes(dora_run):
 def test_dora_run_exports_in_fp32_and_generates_what_its_adapter_does(dora_run, tmp_path):
     import torch
 
-    from qlora_kit.adapter import load_for_inference
     from qlora_kit.export.run import export
     from qlora_kit.infer.generate import GenerateSpec, generate
+    from qlora_kit.infer.load import load_for_inference
 
     summary = export(dora_run, tmp_path / "merged", dtype="fp32", verify=True)
     v = summary["verification"]

@@ -68,10 +68,11 @@ def test_perplexity_is_exp_of_the_mean_token_loss_for_adapter_and_base(loaded, q
 
 
 def test_held_out_split_gives_the_eval_loss_training_reported(loaded, demo_adapter, tmp_path):
-    from qlora_kit.adapter import load_for_inference, read_metadata
+    from qlora_kit.adapter import read_metadata
     from qlora_kit.data import load as datalib
     from qlora_kit.export.run import export
     from qlora_kit.infer.evaluate import eval_data, score
+    from qlora_kit.infer.load import load_for_inference
 
     model, tokenizer, info = loaded
     what = eval_data(info)

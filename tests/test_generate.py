@@ -91,9 +91,9 @@ def test_sampling_repeats_with_a_seed_and_varies_across_seeds(loaded):
 
 
 def test_a_merged_export_generates_the_adapters_greedy_tokens(shaken_adapter, tmp_path):
-    from qlora_kit.adapter import load_for_inference
     from qlora_kit.export.run import export
     from qlora_kit.infer.generate import compare, generate, prompt_ids
+    from qlora_kit.infer.load import load_for_inference
 
     model, tokenizer, _ = load_for_inference(adapter=str(shaken_adapter))
     export(shaken_adapter, tmp_path / "merged", verify=False)  # fp16, into the dequantized NF4 weights
@@ -116,10 +116,10 @@ def test_an_int8_adapter_runs_its_training_forward_and_matches_its_export(tmp_pa
     from conftest import build_tiny_model
     from test_export import LLAMA, make_adapter, write_metadata
 
-    from qlora_kit.adapter import load_for_inference
     from qlora_kit.catalog.bundled import resolve
     from qlora_kit.export.run import export
     from qlora_kit.infer.generate import generate
+    from qlora_kit.infer.load import load_for_inference
 
     base = build_tiny_model(LLAMA, tmp_path / "base")
     adapter = write_metadata(make_adapter(base, tmp_path / "adapter"), base, "int8")
@@ -146,8 +146,8 @@ def test_an_int8_adapter_runs_its_training_forward_and_matches_its_export(tmp_pa
 
 
 def test_chat_template_rule(loaded):
-    from qlora_kit.adapter import LoadedInfo
     from qlora_kit.infer.generate import prompt_ids, uses_chat_template
+    from qlora_kit.infer.load import LoadedInfo
 
     _, tokenizer, info = loaded
     assert tokenizer.chat_template  # the demo tokenizer has a template ...
@@ -184,7 +184,7 @@ def test_prompt_longer_than_the_context_is_refused_and_new_tokens_are_capped(loa
 def test_missing_adapter_and_adapter_for_another_base(demo_adapter, tmp_path):
     from conftest import build_tiny_model
 
-    from qlora_kit.adapter import load_for_inference
+    from qlora_kit.infer.load import load_for_inference
 
     with pytest.raises(UsageError, match="does not exist"):
         load_for_inference(adapter=str(tmp_path / "nope"))

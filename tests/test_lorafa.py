@@ -107,12 +107,12 @@ def test_fa_correction_projects_b_gradient_by_the_inverse_gram_of_a(tmp_path):
 
     from qlora_kit.model.load import load_base, materialize_random_init, resolve_model_spec
     from qlora_kit.model.lora import apply_lora, prepare
-    from qlora_kit.train.loop import _lorafa_optimizer
+    from qlora_kit.train.optim import lorafa_optimizer
 
     recipe = demo_recipe(tmp_path / "run", **{"lora.variant": "lora-fa", "lora.fa_correction": "true"})
     spec = materialize_random_init(resolve_model_spec(recipe.model), tmp_path / "base", 0)
     model = apply_lora(prepare(load_base(spec, recipe.quant), recipe.quant, False), recipe.lora)
-    optimizer = _lorafa_optimizer(model, recipe.lora, lr=1e-3, weight_decay=0.0)
+    optimizer = lorafa_optimizer(model, recipe.lora, lr=1e-3, weight_decay=0.0)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj

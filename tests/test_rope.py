@@ -284,7 +284,8 @@ def _generate_loads_the_stretched_base(run: Path, trained) -> None:
     import torch
     from peft import PeftModel
 
-    from qlora_kit.adapter import load_for_inference, read_metadata
+    from qlora_kit.adapter import read_metadata
+    from qlora_kit.infer.load import load_for_inference
     from qlora_kit.model.load import load_base
     from qlora_kit.recipe import ModelSpec, QuantSpec
 

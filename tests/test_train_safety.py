@@ -144,9 +144,9 @@ class _SignalAt:
     def __init__(self, monkeypatch, moment: str, at: int) -> None:
         self.moment, self.at, self.seen = moment, at, 0
         from qlora_kit.model import savers
-        from qlora_kit.train import loop
+        from qlora_kit.train import optim
 
-        real_loss, real_opt = savers.causal_lm_loss, loop._optimizer
+        real_loss, real_opt = savers.causal_lm_loss, optim.make_optimizer
 
         def loss(*args, **kw):
             self._tick("forward")
@@ -168,7 +168,7 @@ class _SignalAt:
             return opt
 
         monkeypatch.setattr(savers, "causal_lm_loss", loss)
-        monkeypatch.setattr(loop, "_optimizer", optimizer)
+        monkeypatch.setattr(optim, "make_optimizer", optimizer)
 
     def _tick(self, moment: str) -> None:
         if moment == self.moment:

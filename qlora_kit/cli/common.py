@@ -71,7 +71,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, tokenizer, info) as :func:`model_args` describe them, loaded as training did."""
     quiet_libraries()
-    from qlora_kit.adapter import load_for_inference
+    from qlora_kit.infer.load import load_for_inference
 
     return load_for_inference(
         args.adapter,

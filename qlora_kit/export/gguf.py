@@ -24,12 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from qlora_kit.adapter import QuantSource
 from qlora_kit.errors import UsageError
 from qlora_kit.export import run
 from qlora_kit.export.gguf_vocab import Vocab, add_vocab, read_vocab
-from qlora_kit.export.merge import Op, Plan, QuantSource, plan_export, produce
+from qlora_kit.export.merge import Op, Plan, plan_export, produce
+from qlora_kit.export.report import ExportReporter, SilentReporter
 from qlora_kit.export.shards import Checkpoint
 from qlora_kit.export.verify import verification_skipped, verify_export
+from qlora_kit.host import peak_rss_bytes
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 Q8_BLOCK, Q8_BYTES = 32, 34
@@ -262,12 +265,12 @@ def export_gguf(
     force: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-    reporter: run.ExportReporter | None = None,
+    reporter: ExportReporter | None = None,
 ) -> dict[str, Any]:
     """Merge the adapter as :func:`qlora_kit.export.run.export` does and write ``out_dir/model-<type>.gguf``
     plus a model card. Returns the export summary (``format: gguf``, ``gguf_type``, file, verification)."""
     started = time.perf_counter()
-    reporter = reporter or run.SilentReporter()
+    reporter = reporter or SilentReporter()
     _gguf()
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}", "")
@@ -327,13 +330,13 @@ def _write_and_verify(job: Job, checkpoint: Checkpoint, verify: bool | None, rep
     """Write into a hidden directory next to ``job.out``, verify, write the card, rename into place."""
     out, plan = job.out, job.plan
     outs = tensor_outs(plan, job.layout.config, job.gguf_type)
-    run._check_disk(out, sum(t.nbytes for _, t in outs) + 2**20)
+    run.check_disk(out, sum(t.nbytes for _, t in outs) + 2**20)
     with run.staged(out) as tmp:
         reporter.start("merge", plan.total_bytes)
         written = write_gguf(
             tmp / job.file_name, plan, checkpoint, job.layout.config, job.vocab, job.gguf_type, reporter.advance
         )
-        merge_rss = run._peak_rss_bytes()
+        merge_rss = peak_rss_bytes()
         verification, skipped = None, verification_skipped(plan, verify)
         if skipped:
             reporter.message(f"verification skipped: {skipped}")
@@ -360,7 +363,7 @@ def _write_and_verify(job: Job, checkpoint: Checkpoint, verify: bool | None, rep
             "verification_skipped": skipped,
             "notes": plan.notes,
             "peak_rss_bytes_merge": merge_rss,
-            "peak_rss_bytes": run._peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
         }
         (tmp / "README.md").write_text(gguf_card(summary, job.vocab))
     return summary

@@ -42,6 +42,7 @@ from qlora_kit.export.merge import Plan, plan_export, write_shards
 from qlora_kit.export.report import ExportReporter, SilentReporter
 from qlora_kit.export.shards import Checkpoint, open_checkpoint, parse_size
 from qlora_kit.export.verify import size_text, verification_skipped, verify_export
+from qlora_kit.host import peak_rss_bytes
 from qlora_kit.model.load import stretched_config
 
 MERGE_MODES = ("dequantized", "original")
@@ -199,14 +200,14 @@ def _write(job: _Job, checkpoint: Checkpoint, verify: bool | None, reporter: Exp
     adapter_path, plan, out = job.adapter.path, job.plan, job.out
     extra_files = _extra_files(adapter_path, job.base_path)
     needed = plan.total_bytes + sum(p.stat().st_size for p in extra_files.values()) + 2**20
-    _check_disk(out, needed)
+    check_disk(out, needed)
     with staged(out) as tmp:
         reporter.start("merge", plan.total_bytes)
         write_shards(tmp, plan, checkpoint, reporter.advance)
         _write_config(tmp, job.base_path, plan, job.dtype, job.rope)
         for name, src in extra_files.items():
             shutil.copy2(src, tmp / name)
-        merge_rss = _peak_rss_bytes()
+        merge_rss = peak_rss_bytes()
         verification, skipped = None, verification_skipped(plan, verify)
         if skipped:
             reporter.message(f"verification skipped: {skipped}")
@@ -245,7 +246,7 @@ def _summary(job: _Job, verification: dict[str, Any] | None, skipped: str | None
         "verification_skipped": skipped,
         "notes": plan.notes,
         "peak_rss_bytes_merge": merge_rss,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
@@ -271,7 +272,7 @@ def _check_out(out: Path, force: bool, adapter_path: Path, base_path: Path) -> N
         raise UsageError(f"{out} exists and is not empty", "choose another --out, or pass --force to replace it")
 
 
-def _check_disk(out: Path, needed: int) -> None:
+def check_disk(out: Path, needed: int) -> None:
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent
@@ -397,13 +398,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident set so far (VmHWM), including whatever it did before the export."""
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # -- the model card -------------------------------------------------------------------------------------

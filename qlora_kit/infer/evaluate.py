@@ -17,7 +17,7 @@ from qlora_kit.errors import UsageError
 from qlora_kit.recipe import DataSpec
 
 if TYPE_CHECKING:
-    from qlora_kit.adapter import LoadedInfo
+    from qlora_kit.infer.load import LoadedInfo
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``qlora-kit generate``: complete a prompt with an adapter (or a merged model), streaming the text.
 
-The model comes from :func:`qlora_kit.adapter.load_for_inference`; this module builds the prompt,
+The model comes from :func:`qlora_kit.infer.load.load_for_inference`; this module builds the prompt,
 checks it fits the model's context, runs transformers' ``generate`` and hands each finished piece of
 text to a callback as it is produced. It never prints.
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from qlora_kit.errors import UsageError
 
 if TYPE_CHECKING:
-    from qlora_kit.adapter import LoadedInfo
+    from qlora_kit.infer.load import LoadedInfo
 
 _CHAT_NAME = re.compile(r"(chat|instruct|(^|[-_/])it($|[-_]))", re.IGNORECASE)
 

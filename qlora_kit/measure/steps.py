@@ -52,6 +52,7 @@ from qlora_kit.measure.tensors import (
 from qlora_kit.model.load import load_base, torch_dtype
 from qlora_kit.model.lora import apply_lora, prepare
 from qlora_kit.recipe import LoraSpec, ModelSpec, QuantSpec
+from qlora_kit.train.optim import make_optimizer
 
 MAX_GRAD_NORM = 1.0  # TrainSpec.max_grad_norm's default
 STATIC = ("linear_weights", "quant_state", "other_params", "lora_params", "lora_grads", "optimizer_state")
@@ -116,20 +117,6 @@ def load_for_training(path: str | Path, setup: TrainSetup, device: str = "cpu") 
         model = apply_lora(model, lora_spec(setup))
     model.train()
     return model
-
-
-def make_optimizer(name: str, params: list[Any], lr: float = 1e-4) -> Any:
-    """The optimizer a recipe's ``train.optimizer`` names (the paged ones fall back to unpaged on CPU)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    import bitsandbytes as bnb
-
-    cls = {
-        "adamw8bit": bnb.optim.AdamW8bit,
-        "paged_adamw": bnb.optim.PagedAdamW,
-        "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
-    }[name]
-    return cls(params, lr=lr)
 
 
 def uses_autocast(setup: TrainSetup) -> bool:

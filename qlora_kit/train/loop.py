@@ -5,7 +5,7 @@ tokenize the data, load the base quantized, prepare it and add LoRA, then train 
 accumulation, logging, evaluation and atomic checkpoints. Ctrl-C takes effect at the next
 optimizer-step boundary and saves a checkpoint of exactly that state. Checks before loading live in
 :mod:`qlora_kit.train.preflight`; the metrics log, the final adapter and ``qlora_kit.json`` in
-:mod:`qlora_kit.train.outputs`.
+:mod:`qlora_kit.train.outputs`; the optimizers in :mod:`qlora_kit.train.optim`.
 
 This module reports through a :class:`Reporter` and never prints.
 """
@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from qlora_kit.errors import QloraKitError, UsageError, WriteFailed
-from qlora_kit.recipe import LoraSpec, Recipe
-from qlora_kit.train import checkpoint, distributed, tracking
+from qlora_kit.host import peak_rss_bytes
+from qlora_kit.recipe import Recipe
+from qlora_kit.train import checkpoint, distributed, optim, tracking
 from qlora_kit.train.outputs import (
     METRICS_FILE,
     RANDOM_INIT_DIR,
@@ -51,27 +52,6 @@ class Interrupted(QloraKitError):
     """Ctrl-C: a checkpoint was saved; ``--resume`` continues."""
 
     exit_code = 130
-
-
-def _lorafa_optimizer(peft_model: Any, lora: LoraSpec, lr: float, weight_decay: float) -> Any:
-    """peft's LoRA-FA optimizer: AdamW on B with B's gradient projected by ``(A A^T)^-1 / s^2`` (the paper's
-    closed-form correction); it keeps state for B (and any other trainable parameter) only."""
-    from peft.optimizers import create_lorafa_optimizer
-
-    return create_lorafa_optimizer(peft_model, r=lora.rank, lora_alpha=lora.alpha, lr=lr, weight_decay=weight_decay)
-
-
-def _optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> Any:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    import bitsandbytes as bnb
-
-    cls = {
-        "adamw8bit": bnb.optim.AdamW8bit,
-        "paged_adamw": bnb.optim.PagedAdamW,
-        "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
-    }[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
@@ -294,9 +274,9 @@ def _build_model(run: Run) -> None:
     run.peft_model, run.model = model, distributed.wrap(model, dist, run.device.kind)  # FSDP: before the optimizer
     run.params = [p for p in run.model.parameters() if p.requires_grad]
     run.optimizer = (
-        _lorafa_optimizer(model, recipe.lora, t.lr, t.weight_decay)
+        optim.lorafa_optimizer(model, recipe.lora, t.lr, t.weight_decay)
         if recipe.lora.fa_correction
-        else _optimizer(t.optimizer, run.params, t.lr, t.weight_decay)
+        else optim.make_optimizer(t.optimizer, run.params, t.lr, t.weight_decay)
     )
     run.scheduler = get_scheduler(
         t.schedule, run.optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=run.total
@@ -441,7 +421,7 @@ def _metrics(
     step: int, total: int, loss: float, lr: float, tokens: int, started: float, stream: Any, device: Device
 ) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
-    memory = torch.cuda.max_memory_allocated() if device.kind == "cuda" else _rss_bytes()
+    memory = torch.cuda.max_memory_allocated() if device.kind == "cuda" else peak_rss_bytes()
     return {
         "step": step,
         "loss": loss,
@@ -451,9 +431,3 @@ def _metrics(
         "memory_bytes": memory,
         "elapsed_s": round(elapsed, 3),
     }
-
-
-def _rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
