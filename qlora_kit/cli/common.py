@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qlora_kit.errors import UsageError
+
+if TYPE_CHECKING:
+    from qlora_kit.infer.load import LoadedInfo
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,7 +71,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
     trust_arg(p)
 
 
-def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def load_model(args: argparse.Namespace) -> tuple[Any, Any, LoadedInfo]:
     """(model, tokenizer, info) as :func:`model_args` describe them, loaded as training did."""
     quiet_libraries()
     from qlora_kit.infer.load import load_for_inference
