@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_kit.errors import UsageError
-from qlora_kit.knobs import DTYPES, QUANTS
+from qlora_kit.knobs import DTYPES, FOUR_BIT, QUANTS, double_quant_for, double_quant_refused
 
 METADATA_FILE = "qlora_kit.json"  # what `qlora-kit train` writes last (train.METADATA_FILE)
 QUANT_MODES = QUANTS
@@ -202,12 +202,12 @@ def quant_source(
             "pass --quant nf4|fp4|int8|none (and --double-quant/--no-double-quant for nf4/fp4), "
             "or --merge-into original",
         )
-    if quant in ("nf4", "fp4") and double_quant is None:
+    if quant in FOUR_BIT and double_quant is None:
         raise UsageError(
             f"--quant {quant} needs --double-quant or --no-double-quant: it changes the rounding of the base",
             "pass the bnb_4bit_use_double_quant the adapter was trained with",
         )
-    if quant not in ("nf4", "fp4") and double_quant:
+    if double_quant_refused(quant, double_quant):
         raise UsageError(f"double quant is for nf4/fp4, not {quant}", "leave out --double-quant")
     return QuantSource(quant, bool(double_quant), compute_dtype or "")
 
@@ -218,7 +218,7 @@ def _recorded_quant(
     q = metadata.quant
     if q.get("mode") not in QUANT_MODES:
         raise UsageError(f"the adapter's {METADATA_FILE} does not say how its base was quantized", "re-run training")
-    dq = bool(q.get("double_quant")) and q["mode"] in ("nf4", "fp4")
+    dq = double_quant_for(q["mode"], bool(q.get("double_quant")))
     recorded_dtype = q.get("compute_dtype")
     if recorded_dtype is not None and recorded_dtype not in LOAD_DTYPES:
         raise UsageError(f"the adapter's {METADATA_FILE} records an unknown compute_dtype", _METADATA_FIX)

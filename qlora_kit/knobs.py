@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-QUANTS = ("none", "int8", "nf4", "fp4")
+FOUR_BIT = ("nf4", "fp4")  # the bitsandbytes 4-bit types: the only bases with double quant
+QUANTS = ("none", "int8", *FOUR_BIT)
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTNS = ("sdpa", "eager")
@@ -18,6 +19,16 @@ UPCASTS = ("all", "selective")  # what k-bit preparation casts to fp32 (recipe `
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")  # stretching RoPE past the native context (qlora_kit.catalog.context)
 # rows of the head + cross-entropy computed at once by the chunked loss (``qlora_kit.model.savers``)
 LOSS_CHUNK_TOKENS = 1024
+
+
+def double_quant_for(quant: str, asked: bool | None) -> bool:
+    """Whether a ``quant`` base gets double quant: 4-bit bases only, on unless ``asked`` is False."""
+    return quant in FOUR_BIT and asked is not False
+
+
+def double_quant_refused(quant: str | None, asked: bool | None) -> bool:
+    """Double quant asked for a known base type without it (16-bit or int8); ``None``: the type is still open."""
+    return bool(asked) and quant in QUANTS and quant not in FOUR_BIT
 
 
 @dataclass(frozen=True)

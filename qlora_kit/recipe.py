@@ -23,7 +23,17 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from qlora_kit.errors import UsageError
-from qlora_kit.knobs import ATTNS, DTYPES, LORA_VARIANTS, OPTIMIZERS, QUANTS, ROPE_SCALINGS, STRATEGIES, UPCASTS
+from qlora_kit.knobs import (
+    ATTNS,
+    DTYPES,
+    LORA_VARIANTS,
+    OPTIMIZERS,
+    QUANTS,
+    ROPE_SCALINGS,
+    STRATEGIES,
+    UPCASTS,
+    double_quant_refused,
+)
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -283,7 +293,7 @@ def build_recipe(data: Mapping[str, Any], lines: Mapping[str, int] | None = None
         problems.append(f"lora.dropout{_at(lines, 'lora.dropout')} must be in [0, 1), got {recipe.lora.dropout}")
     if not 0 <= recipe.data.eval_fraction < 1:
         problems.append(f"data.eval_fraction{_at(lines, 'data.eval_fraction')} must be in [0, 1)")
-    if recipe.quant.double_quant and recipe.quant.mode in ("none", "int8") and "quant.double_quant" in lines:
+    if double_quant_refused(recipe.quant.mode, recipe.quant.double_quant) and "quant.double_quant" in lines:
         problems.append(f"quant.double_quant{_at(lines, 'quant.double_quant')} applies to nf4/fp4 only")
     if recipe.train.max_steps == 0 and recipe.train.epochs == 0:
         problems.append("train.max_steps and train.epochs are both 0: nothing to train (set one of them)")

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qlora_kit.catalog.arch import ArchSpec
-from qlora_kit.catalog.gpus import GIB, DeviceSpec
+from qlora_kit.catalog.gpus import GIB, HEADROOM, DeviceSpec
 from qlora_kit.plan.search import Plan
 from qlora_kit.plan.sweep import SweepResult
 
@@ -61,7 +61,7 @@ def render_plan(p: Plan) -> None:
     verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
     console.print(
         f"[bold]{p.arch.name}[/] on [bold]{p.device.name}[/] ({gib(p.device.memory_bytes)}; "
-        f"{gib(p.limit_bytes)} usable after 5% headroom): {verdict}"
+        f"{gib(p.limit_bytes)} usable after {HEADROOM:.0%} headroom): {verdict}"
     )
     per_gpu = f", per GPU of {p.best.gpus} ({p.best.strategy})" if p.best.gpus > 1 else ""
     table = Table(title=f"memory at the peak of one optimizer step{per_gpu}", title_justify="left")

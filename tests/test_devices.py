@@ -7,10 +7,10 @@ from importlib import resources
 
 import pytest
 
-from qlora_kit.catalog.gpus import GIB, MIB, DeviceSpec, gpu_table, parse_size, resolve_gpu
+from qlora_kit.catalog.gpus import GIB, MIB, DeviceSpec, gpu_table, parse_binary_bytes, resolve_gpu
 from qlora_kit.errors import UsageError
 
-# -- parse_size ------------------------------------------------------------------------------------
+# -- parse_binary_bytes (GPU sizes) ----------------------------------------------------------------
 
 
 def test_units_are_binary() -> None:
@@ -33,28 +33,28 @@ def test_units_are_binary() -> None:
         ("1TB", 2**40),
     ],
 )
-def test_parse_size(text: str, expected: int) -> None:
-    assert parse_size(text) == expected
-    assert isinstance(parse_size(text), int)
+def test_parse_binary_bytes(text: str, expected: int) -> None:
+    assert parse_binary_bytes(text) == expected
+    assert isinstance(parse_binary_bytes(text), int)
 
 
 @pytest.mark.parametrize("text", ["abc", "24XB", "", "   ", "GB", "24 G B", "-24GB", "24GB GPU", "1e3GB"])
-def test_parse_size_malformed(text: str) -> None:
+def test_parse_binary_bytes_malformed(text: str) -> None:
     with pytest.raises(UsageError) as info:
-        parse_size(text)
+        parse_binary_bytes(text)
     assert repr(text) in info.value.message
     assert "24GB" in info.value.hint
 
 
 @pytest.mark.parametrize("text", ["0GB", "1MB", "0", "255MiB", "0.1GB"])
-def test_parse_size_too_small(text: str) -> None:
+def test_parse_binary_bytes_too_small(text: str) -> None:
     with pytest.raises(UsageError) as info:
-        parse_size(text)
+        parse_binary_bytes(text)
     assert "too small" in info.value.message
 
 
-def test_parse_size_smallest_accepted() -> None:
-    assert parse_size("256MiB") == 256 * 2**20
+def test_parse_binary_bytes_smallest_accepted() -> None:
+    assert parse_binary_bytes("256MiB") == 256 * 2**20
 
 
 # -- the GPU table ---------------------------------------------------------------------------------

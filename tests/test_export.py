@@ -258,6 +258,16 @@ def load_tensors_of(path: Path) -> dict:
     return load_file(path)
 
 
+def test_shard_sizes_read_gb_as_decimal_where_gpu_sizes_read_it_as_binary():
+    from qlora_kit.catalog.gpus import parse_binary_bytes
+    from qlora_kit.export.shards import parse_decimal_bytes
+
+    assert parse_decimal_bytes("5GB") == 5 * 10**9 and parse_decimal_bytes("200KB") == 200_000
+    assert parse_decimal_bytes("500MiB") == 500 * 2**20 and parse_decimal_bytes("2 GiB") == 2 * 2**30
+    assert parse_decimal_bytes("1234") == parse_decimal_bytes(1234) == 1234  # a bare number is bytes
+    assert parse_binary_bytes("5GB") == parse_binary_bytes("5") == 5 * 2**30  # GPU labels: GB means GiB
+
+
 # -- ties, other architectures ----------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from qlora_kit.catalog.models import lookup
 from qlora_kit.errors import UsageError
 from qlora_kit.knobs import ALL_LINEAR, TrainSetup
 from qlora_kit.plan.memory import estimate
-from qlora_kit.plan.search import Constraints, candidates, fit_limit, plan, plan_json, saver_steps
+from qlora_kit.plan.search import Constraints, candidates, plan, plan_json, saver_steps
 
 
 def _key(c):
@@ -36,10 +36,10 @@ def test_choice_is_the_most_preferred_fitting_candidate(model, gpu):
     cands = candidates(arch, Constraints(), device)
     assert [_key(c) for c in cands] == sorted(_key(c) for c in cands), "candidates not in preference order"
     p = plan(arch, device, Constraints())
-    fitting = [c for c in cands if c.estimate.device_bytes <= fit_limit(device)]
+    fitting = [c for c in cands if c.estimate.device_bytes <= device.fit_limit]
     if fitting:
         assert p.fits and p.best.choice() == min(fitting, key=_key).choice()
-        assert p.best.estimate.device_bytes <= fit_limit(device)
+        assert p.best.estimate.device_bytes <= device.fit_limit
         assert p.reasons
     else:
         assert not p.fits and p.advice
@@ -121,8 +121,8 @@ def test_shorter_sequence_advice_really_fits():
     line = next(a for a in p.advice if "--seq-len" in a)
     seq = int(line.split("--seq-len ")[1].split()[0])
     fam = device.family
-    assert estimate(arch, p.best.setup.with_(seq_len=seq), family=fam).device_bytes <= fit_limit(device)
-    assert estimate(arch, p.best.setup.with_(seq_len=seq + 1), family=fam).device_bytes > fit_limit(device)
+    assert estimate(arch, p.best.setup.with_(seq_len=seq), family=fam).device_bytes <= device.fit_limit
+    assert estimate(arch, p.best.setup.with_(seq_len=seq + 1), family=fam).device_bytes > device.fit_limit
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,17 @@ from pathlib import Path
 
 from qlora_kit.catalog.models import catalog_configs, resolve_model
 from qlora_kit.errors import QloraKitError, UsageError
-from qlora_kit.knobs import ATTNS, DTYPES, OPTIMIZERS, QUANTS, UPCASTS, TrainSetup
-from qlora_kit.plan.search import resolve_targets
+from qlora_kit.knobs import (
+    ATTNS,
+    DTYPES,
+    OPTIMIZERS,
+    QUANTS,
+    UPCASTS,
+    TrainSetup,
+    double_quant_for,
+    double_quant_refused,
+)
+from qlora_kit.plan.targets import resolve_targets
 
 LABELS = {
     "linear_weights": "base linear weights",
@@ -102,11 +111,11 @@ def _setup(args: argparse.Namespace, cfg: dict[str, object]) -> TrainSetup:
     from qlora_kit.catalog.readers import arch_from_config
 
     arch = arch_from_config(cfg)
-    _, targets = resolve_targets(arch, args.targets)
+    _, targets = resolve_targets(args.targets, arch.model_type, arch.linear_names(), arch.name)
     cuda = args.device.startswith("cuda")
-    dq = args.double_quant if args.double_quant is not None else args.quant in ("nf4", "fp4")
-    if dq and args.quant in ("none", "int8"):
+    if double_quant_refused(args.quant, args.double_quant):
         raise UsageError(f"--double-quant contradicts --quant {args.quant}", "double quant is for nf4/fp4")
+    dq = double_quant_for(args.quant, args.double_quant)
     if args.steps < 2 or args.grad_accum < 1 or args.batch_size < 1 or args.seq_len < 1 or args.rank < 1:
         raise UsageError("--steps must be >= 2 and sizes positive", "see --help")
     return TrainSetup(

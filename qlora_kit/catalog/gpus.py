@@ -20,6 +20,7 @@ from qlora_kit.errors import UsageError
 
 GIB = 1 << 30
 MIB = 1 << 20
+HEADROOM = 0.05  # the share of a card the planner leaves free: a setting fits within the rest (fit_limit)
 
 _UNITS = {
     "": GIB,
@@ -49,9 +50,16 @@ class DeviceSpec:
     def memory_gib(self) -> float:
         return self.memory_bytes / GIB
 
+    @property
+    def fit_limit(self) -> int:
+        """The bytes a training setting may take on this card: its memory less :data:`HEADROOM`."""
+        return int(self.memory_bytes * (1 - HEADROOM))
 
-def parse_size(text: str) -> int:
-    """``24GB``, ``24 GiB``, ``24576MiB``, ``80G``, ``24`` -> bytes (binary units, see module doc)."""
+
+def parse_binary_bytes(text: str) -> int:
+    """A GPU memory size -> bytes, in binary units as on GPU labels: ``24GB`` = ``24 GiB`` = ``24G`` =
+    ``24`` = 24 * 2**30, ``24576MiB`` = ``24576MB`` = 24576 * 2**20 (see the module doc; export's shard
+    sizes read GB as 10**9 instead: :func:`qlora_kit.export.shards.parse_decimal_bytes`)."""
     match = _SIZE.match(text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _UNITS:
@@ -102,7 +110,7 @@ def resolve_gpu(text: str) -> DeviceSpec:
     if spec is not None:
         return spec
     if _SIZE.match(text):
-        size = parse_size(text)
+        size = parse_binary_bytes(text)
         return DeviceSpec(f"{size / GIB:g} GiB GPU", size)
     close = difflib.get_close_matches(_norm(text), list(_gpu_index()), n=3, cutoff=0.6)
     hint = "give a size such as 24GB or a card name (`qlora-kit gpus` lists them)"

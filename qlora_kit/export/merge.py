@@ -25,6 +25,7 @@ from qlora_kit.errors import UsageError
 from qlora_kit.export import rounding
 from qlora_kit.export.layout import Adapter, Layout, LoraFactor
 from qlora_kit.export.shards import LOAD_DTYPES, Checkpoint, PlannedTensor, Shard, ShardWriter, shard_names
+from qlora_kit.knobs import FOUR_BIT
 
 # -- what training computed with ----------------------------------------------------------------------
 
@@ -49,7 +50,7 @@ def trained_rows(
     - ``none``: the checkpoint tensor in the load dtype.
     """
     w = weight.to(dtype).contiguous()
-    if mode in ("nf4", "fp4"):
+    if mode in FOUR_BIT:
         yield from rounding.roundtrip_4bit(w, mode, double_quant, dtype, rows_per_piece)
         return
     for first in range(0, w.shape[0], rows_per_piece):

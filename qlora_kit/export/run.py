@@ -40,9 +40,10 @@ from qlora_kit.errors import UsageError
 from qlora_kit.export.layout import Adapter, Layout, read_adapter
 from qlora_kit.export.merge import Plan, plan_export, write_shards
 from qlora_kit.export.report import ExportReporter, SilentReporter
-from qlora_kit.export.shards import Checkpoint, open_checkpoint, parse_size
+from qlora_kit.export.shards import Checkpoint, open_checkpoint, parse_decimal_bytes
 from qlora_kit.export.verify import size_text, verification_skipped, verify_export
 from qlora_kit.host import peak_rss_bytes
+from qlora_kit.knobs import FOUR_BIT
 from qlora_kit.model.load import stretched_config
 
 MERGE_MODES = ("dequantized", "original")
@@ -94,7 +95,7 @@ def export(
     reporter = reporter or SilentReporter()
     if dtype not in OUT_DTYPES:
         raise UsageError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}", "")
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = parse_decimal_bytes(max_shard_size)
     inputs = read_inputs(
         adapter_dir,
         out_dir,
@@ -321,7 +322,7 @@ def model_layout(base_path: Path, qsource: QuantSource | None, trust_remote_code
     names = {n for group in groups.values() for n in group} | {n for n, _ in model.named_buffers()}
     conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
     quantized: set[str] = set()
-    if qsource is not None and qsource.mode in ("nf4", "fp4", "int8"):
+    if qsource is not None and qsource.mode in (*FOUR_BIT, "int8"):
         quantized = _bnb_replaced(model)
     return Layout(names, model.base_model_prefix, quantized, conv1d, [g for g in groups.values() if len(g) > 1], config)
 

@@ -38,8 +38,10 @@ _ST_DTYPES = {
 ST_DTYPE_TO_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def parse_size(size: int | str) -> int:
-    """``"5GB"`` -> 5 * 10**9, ``"500MiB"`` -> 500 * 2**20 (transformers' ``max_shard_size`` units)."""
+def parse_decimal_bytes(size: int | str) -> int:
+    """A shard size -> bytes, in transformers' ``max_shard_size`` units: KB, MB, GB, TB are decimal
+    (``"5GB"`` = 5 * 10**9), KiB, MiB, GiB, TiB binary (``"500MiB"`` = 500 * 2**20), a bare number or an
+    int is bytes. (GPU sizes read GB as 2**30: :func:`qlora_kit.catalog.gpus.parse_binary_bytes`.)"""
     fix = "write it like 5GB, 500MB or 2GiB (more than zero)"
     if isinstance(size, int):
         if size <= 0:

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlora_kit.catalog.readers import DEFAULT_TARGETS
 from qlora_kit.errors import UsageError
 from qlora_kit.knobs import ALL_LINEAR
+from qlora_kit.plan.targets import resolve_targets
 from qlora_kit.recipe import LoraSpec, QuantSpec
 
 
-def target_modules(spec: LoraSpec, model_type: str) -> str | list[str]:
-    """peft's ``target_modules``: "all-linear", the architecture's defaults, or the names given."""
-    targets = spec.targets
-    if targets == ALL_LINEAR:
-        return ALL_LINEAR
-    if targets == "default":
-        return list(DEFAULT_TARGETS.get(model_type, ("q_proj", "v_proj")))
-    return [targets] if isinstance(targets, str) else list(targets)
+def target_modules(spec: LoraSpec, model_type: str, model: str = "") -> str | list[str]:
+    """peft's ``target_modules`` for ``lora.targets``, resolved as the planner does: "all-linear" stays
+    peft's (it finds the loaded model's linear layers), "default" and module names become names."""
+    label, names = resolve_targets(spec.targets, model_type, model=model, flag="lora.targets")
+    return ALL_LINEAR if label == ALL_LINEAR else list(names)
 
 
 def prepare(model: Any, quant: QuantSpec, grad_ckpt: bool, offload_ckpt: bool = False) -> Any:
@@ -63,7 +60,7 @@ def apply_lora(model: Any, spec: LoraSpec) -> Any:
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=target_modules(spec, model.config.model_type),
+        target_modules=target_modules(spec, model.config.model_type, model.config.name_or_path),
         bias=spec.bias,
         use_dora=spec.variant == "dora",
         use_rslora=spec.rslora,

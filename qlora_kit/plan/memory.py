@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from qlora_kit.catalog.arch import ArchSpec, LinearSpec
-from qlora_kit.knobs import TrainSetup
+from qlora_kit.knobs import FOUR_BIT, TrainSetup
 from qlora_kit.plan.activations import saved_bytes
 from qlora_kit.plan.allocator import LARGE_BUFFER, SMALL_BUFFER
 from qlora_kit.plan.moments import activation_peak_terms
@@ -116,7 +116,7 @@ def quant_state_bytes(arch: ArchSpec, setup: TrainSetup) -> int:
     for s in _quantized(arch):
         if setup.quant == "int8":
             total += s.d_out * 4
-        elif setup.quant in ("nf4", "fp4"):
+        elif setup.quant in FOUR_BIT:
             blocks = math.ceil(s.weight_numel / NF4_BLOCK)
             total += NF4_CODE_BYTES
             if setup.double_quant:

@@ -15,7 +15,7 @@ tensor bytes of real steps on CPU, and each moment's tensors identified, in ``te
 from __future__ import annotations
 
 from qlora_kit.catalog.arch import ArchSpec
-from qlora_kit.knobs import TrainSetup
+from qlora_kit.knobs import FOUR_BIT, TrainSetup
 from qlora_kit.plan.activations import FP32, ctx_for, logits_grad_bytes, loss_rows, saved_bytes, transient_bytes
 from qlora_kit.plan.blocks import LAYER, LN_FINAL, MLP, ROPE
 from qlora_kit.plan.dora import branch_dtype, norm_transient_bytes
@@ -73,7 +73,7 @@ class _Step:
         self.e_m, self.inter = c.e_m, d.inter
         # the compute dtype of the quantized matmuls: bnb 4-bit casts its input to it, LLM.int8 computes in
         # its input's dtype
-        self.cdt = setup.dtype_bytes if setup.quant in ("nf4", "fp4") and c.quant else c.e_m
+        self.cdt = setup.dtype_bytes if setup.quant in FOUR_BIT and c.quant else c.e_m
         self.lora_last = self.shape.last in c.targets
         # eager attention (and sdpa on a padded batch) gets a 4-D float mask built once per forward: alive
         # through the forward, and under checkpointing held by every block's checkpoint until backward ends

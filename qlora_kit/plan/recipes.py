@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qlora_kit.catalog.bundled import resolve
 from qlora_kit.errors import UsageError
-from qlora_kit.knobs import ALL_LINEAR
+from qlora_kit.knobs import ALL_LINEAR, double_quant_for
 from qlora_kit.plan.search import Constraints, Plan
 from qlora_kit.recipe import DataSpec, LoraSpec, ModelSpec, Recipe, TrainSpec
 
@@ -22,7 +22,7 @@ def to_constraints(recipe: Recipe) -> Constraints:
     q, lora, t = recipe.quant, recipe.lora, recipe.train
     return Constraints(
         quant=q.mode,
-        double_quant=q.double_quant and q.mode in ("nf4", "fp4"),
+        double_quant=double_quant_for(q.mode, q.double_quant),
         rank=lora.rank,
         targets=_targets_spec(lora.targets),
         optimizer=t.optimizer,

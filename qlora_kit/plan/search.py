@@ -25,14 +25,24 @@ from typing import Any, cast
 from qlora_kit.catalog import context
 from qlora_kit.catalog.arch import ArchSpec
 from qlora_kit.catalog.gpus import GIB, DeviceSpec, gpu_table
-from qlora_kit.catalog.readers import DEFAULT_TARGETS
 from qlora_kit.errors import UsageError
-from qlora_kit.knobs import ALL_LINEAR, ATTNS, DTYPES, OPTIMIZERS, QUANTS, STRATEGIES, UPCASTS, TrainSetup
+from qlora_kit.knobs import (
+    ALL_LINEAR,
+    ATTNS,
+    DTYPES,
+    OPTIMIZERS,
+    QUANTS,
+    STRATEGIES,
+    UPCASTS,
+    TrainSetup,
+    double_quant_for,
+    double_quant_refused,
+)
 from qlora_kit.plan import multigpu
 from qlora_kit.plan.allocator import ALLOCATORS
 from qlora_kit.plan.memory import Estimate
+from qlora_kit.plan.targets import resolve_targets
 
-HEADROOM = 0.05
 MAX_MICRO_BATCH = 16
 
 
@@ -120,11 +130,7 @@ class Plan:
 
     @property
     def limit_bytes(self) -> int:
-        return fit_limit(self.device)
-
-
-def fit_limit(device: DeviceSpec) -> int:
-    return int(device.memory_bytes * (1 - HEADROOM))
+        return self.device.fit_limit
 
 
 def _gib(n: float) -> str:
@@ -153,7 +159,7 @@ def _validate(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> None:
     ):
         if value is not None and value < 1:
             problems.append(f"{name} must be a positive integer, got {value}")
-    if c.double_quant and c.quant in ("none", "int8"):
+    if double_quant_refused(c.quant, c.double_quant):
         problems.append(f"--double-quant applies to 4-bit bases only, not --quant {c.quant}")
     if c.dtype == "bf16" and not device.bf16:
         problems.append(f"{device.name} has no bf16 support; use --dtype fp16")
@@ -170,23 +176,6 @@ def _validate(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> None:
     context.check_context(
         context.of_arch(arch), c.seq_len or default_seq_len(arch), c.rope_scaling, "--seq-len", "--rope-scaling"
     )
-
-
-def resolve_targets(arch: ArchSpec, spec: str | None) -> tuple[str, tuple[str, ...]]:
-    """("label", leaf names) for "all-linear", "default" or a comma-separated list of names."""
-    if spec in (None, ALL_LINEAR):
-        return ALL_LINEAR, arch.linear_names()
-    if spec == "default":
-        names = DEFAULT_TARGETS[arch.model_type]
-        return ",".join(names), names
-    names = tuple(n.strip() for n in spec.split(",") if n.strip())
-    unknown = [n for n in names if n not in arch.linear_names()]
-    if unknown or not names:
-        raise UsageError(
-            f"--targets {spec!r}: {', '.join(unknown) or 'no names'} not a linear layer of {arch.name}",
-            f"choose from {', '.join(arch.linear_names())}, or all-linear",
-        )
-    return ",".join(names), names
 
 
 def default_seq_len(arch: ArchSpec) -> int:
@@ -210,8 +199,9 @@ def _options(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> dict[str, li
 
 def _candidate(arch: ArchSpec, c: Constraints, device: DeviceSpec, knobs: dict[str, object]) -> Candidate:
     gpus, strategy, quant = cast(tuple[int, str, str], knobs["base"])
-    double_quant = quant in ("nf4", "fp4") and (c.double_quant if c.double_quant is not None else True)
-    label, names = resolve_targets(arch, knobs["targets"])  # type: ignore[arg-type]
+    double_quant = double_quant_for(quant, c.double_quant)
+    spec = cast(str | None, knobs["targets"])
+    label, names = resolve_targets(spec, arch.model_type, arch.linear_names(), arch.name)
     batch = int(knobs["batch_size"])  # type: ignore[call-overload]
     setup = TrainSetup(
         quant=quant,
@@ -236,7 +226,7 @@ def _candidate(arch: ArchSpec, c: Constraints, device: DeviceSpec, knobs: dict[s
     est = multigpu.per_gpu(arch, setup, gpus, strategy, c.allocator, device.family)
     # micro-batch per GPU: the GPUs together make up the effective batch
     accum = max(1, math.ceil(c.effective_batch / (batch * gpus)))
-    return Candidate(setup, accum, label, est, est.device_bytes <= fit_limit(device), gpus, strategy)
+    return Candidate(setup, accum, label, est, est.device_bytes <= device.fit_limit, gpus, strategy)
 
 
 def candidates(arch: ArchSpec, c: Constraints, device: DeviceSpec) -> list[Candidate]:
@@ -366,7 +356,7 @@ def _ckpt_reason(best: Candidate, cands: list[Candidate], c: Constraints, user: 
 def _reasons(
     arch: ArchSpec, best: Candidate, cands: list[Candidate], device: DeviceSpec, c: Constraints, user: Constraints
 ) -> list[str]:
-    s, limit = best.setup, fit_limit(device)
+    s, limit = best.setup, device.fit_limit
     reasons: list[str] = []
     reasons += _notes(arch, s)
     if s.quant == "none":
@@ -405,7 +395,7 @@ def _reasons(
 
 
 def _advice(arch: ArchSpec, c: Constraints, device: DeviceSpec, smallest: Candidate) -> list[str]:
-    limit = fit_limit(device)
+    limit = device.fit_limit
     need = smallest.estimate.device_bytes
     advice = [
         f"nothing fits: the smallest setting needs {_gib(need)}, {_gib(need - limit)} more than the "
@@ -423,7 +413,7 @@ def _advice(arch: ArchSpec, c: Constraints, device: DeviceSpec, smallest: Candid
             hi = mid - 1
     if lo >= 64:
         advice.append(f"a shorter sequence: --seq-len {lo} fits with the smallest setting")
-    bigger = sorted((d for d in gpu_table() if fit_limit(d) >= need), key=lambda d: d.memory_bytes)
+    bigger = sorted((d for d in gpu_table() if d.fit_limit >= need), key=lambda d: d.memory_bytes)
     if bigger:
         advice.append(f"a bigger card: {bigger[0].name} ({bigger[0].memory_gib:.0f} GiB) or larger")
     more = multigpu.fewest_gpus(arch, smallest.setup, limit, c.gpus, c.allocator, device.family)
