@@ -60,3 +60,16 @@ def test_the_planner_refuses_names_that_are_not_linear_layers() -> None:
 def test_training_refuses_an_empty_target_list_before_peft(targets) -> None:
     with pytest.raises(UsageError, match=r"lora\.targets .*no names"):
         target_modules(LoraSpec(targets=targets), "llama")
+
+
+def test_a_comma_separated_string_adapts_those_layers_in_peft(tmp_path) -> None:
+    from conftest import TINY_LLAMA, build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.model.lora import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(TINY_LLAMA, tmp_path / "llama"))
+    model = apply_lora(model, LoraSpec(rank=4, targets="q_proj, o_proj"))
+    assert set(model.peft_config["default"].target_modules) == {"q_proj", "o_proj"}
+    adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "o_proj"}
