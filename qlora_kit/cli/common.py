@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from qlora_kit.errors import UsageError
+from qlora_kit.knobs import FOUR_BIT
 
 if TYPE_CHECKING:
     from qlora_kit.infer.load import LoadedInfo
@@ -65,7 +66,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
     which.add_argument("--adapter", help="adapter directory (from qlora-kit train, or plain peft)")
     which.add_argument("--model", help="a merged export or any causal LM directory (plain transformers)")
     p.add_argument("--base", help="base model path (default: from the adapter's metadata)")
-    p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], help="for plain peft adapters: the base's")
+    p.add_argument("--quant", choices=[*FOUR_BIT, "int8", "none"], help="for plain peft adapters: the base's")
     double_quant_arg(p)
     pickle_arg(p, "adapters")
     trust_arg(p)

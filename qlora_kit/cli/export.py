@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from qlora_kit.cli.common import double_quant_arg, pickle_arg, quiet_libraries, trust_arg
+from qlora_kit.knobs import FOUR_BIT
 
 
 def add_parser(sub: Any) -> None:
@@ -19,7 +20,7 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--base", help="base model path or id (default: from the adapter's metadata)")
     e.add_argument(
         "--quant",
-        choices=["nf4", "fp4", "int8", "none"],
+        choices=[*FOUR_BIT, "int8", "none"],
         help="quantization the adapter was trained against (plain peft adapters)",
     )
     double_quant_arg(e)

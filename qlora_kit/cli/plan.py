@@ -149,6 +149,7 @@ def _recipe_constraints(args: argparse.Namespace) -> tuple[str, Any, Any]:
 
 
 def _flag_constraints(args: argparse.Namespace) -> Any:
+    from qlora_kit.knobs import double_quant_refused
     from qlora_kit.plan.search import Constraints
 
     if not args.model:
@@ -157,7 +158,7 @@ def _flag_constraints(args: argparse.Namespace) -> Any:
         raise UsageError("--set overrides recipe keys", "use it with --recipe")
     if args.dora and (args.lora_fa or args.kernel == "runlora"):
         raise UsageError("--dora does not combine with --lora-fa or --kernel runlora", "choose one LoRA variant")
-    if args.quant in ("none", "int8") and args.double_quant:
+    if double_quant_refused(args.quant, args.double_quant):
         raise UsageError(f"--double-quant contradicts --quant {args.quant}", "double quant is for nf4/fp4")
     return Constraints(
         quant=None if args.quant == "auto" else args.quant,
