@@ -9,9 +9,11 @@ runs only when that fits in the memory available.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -112,9 +114,11 @@ def verify_export(
         from transformers import AutoModelForCausalLM
 
         load = {"gguf_file": gguf_file} if gguf_file else {}  # transformers dequantizes a GGUF to fp32
-        exported = AutoModelForCausalLM.from_pretrained(
-            export_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, **load
-        )
+        # its GGUF reader draws a plain tqdm bar that disable_progress_bar does not reach: ours shows progress
+        with contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
+            exported = AutoModelForCausalLM.from_pretrained(
+                export_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, **load
+            )
         got = exported(input_ids=ids).logits.float()
         del exported
         release_memory()
