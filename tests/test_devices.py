@@ -161,3 +161,59 @@ def test_unknown_gpu_without_close_match() -> None:
     assert "potato" in info.value.message
     assert "did you mean" not in info.value.hint
     assert "24GB" in info.value.hint
+
+
+# -- the card train detects: one DeviceSpec, planned like --gpu -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("capability", "family"),
+    [
+        ((6, 1), "Pascal"),
+        ((7, 0), "Volta"),
+        ((7, 5), "Turing"),
+        ((8, 0), "Ampere"),
+        ((8, 6), "Ampere"),
+        ((8, 9), "Ada"),
+        ((9, 0), "Hopper"),
+        ((10, 0), "Blackwell"),
+        ((12, 0), "Blackwell"),
+        ((5, 2), ""),
+    ],
+)
+def test_a_compute_capability_names_the_generation_the_gpu_table_uses(capability, family) -> None:
+    from qlora_kit.catalog.gpus import family_of_capability
+
+    assert family_of_capability(*capability) == family
+    assert not family or family in {card.family for card in gpu_table()}
+
+
+class _Messages:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def test_train_plans_the_recipe_on_the_detected_card_and_refuses_what_will_not_fit() -> None:
+    from pathlib import Path
+
+    from qlora_kit.recipe import load_recipe
+    from qlora_kit.train.preflight import Device, check_fits
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "llama" / "3.1-8b_qlora_24gb.yaml")
+    model = recipe.model.name
+    big = Device("cuda", DeviceSpec("NVIDIA H100 80GB HBM3", 80 * GIB, True, "Hopper"))
+    said = _Messages()
+    check_fits(recipe, model, big, said, force=False)  # type: ignore[arg-type]
+    assert (
+        len(said.lines) == 1 and said.lines[0].startswith("plan: ") and "of 80.00 GiB on NVIDIA H100" in said.lines[0]
+    )
+    small = Device("cuda", DeviceSpec("NVIDIA RTX A2000", 4 * GIB, True, "Ampere"))
+    with pytest.raises(UsageError, match=r"needs about [0-9.]+ GiB on NVIDIA RTX A2000, which has 4.0 GiB"):
+        check_fits(recipe, model, small, _Messages(), force=False)  # type: ignore[arg-type]
+    check_fits(recipe, model, small, _Messages(), force=True)  # type: ignore[arg-type]
+    cpu = _Messages()
+    check_fits(recipe, model, Device("cpu"), cpu, force=False)  # type: ignore[arg-type]
+    assert cpu.lines == ["no CUDA GPU found: training on the CPU (fine for the tiny demo, slow for real models)"]

@@ -56,6 +56,24 @@ class DeviceSpec:
         return int(self.memory_bytes * (1 - HEADROOM))
 
 
+# NVIDIA generations by CUDA compute capability (NVIDIA's "CUDA GPUs - Compute Capability" table):
+# 6.x Pascal, 7.0/7.2 Volta, 7.5 Turing, 8.0/8.6/8.7 Ampere, 8.9 Ada, 9.0 Hopper, 10.x/12.x Blackwell
+_FAMILIES = {
+    (6, None): "Pascal",
+    (7, 0): "Volta",
+    (7, 2): "Volta",
+    (7, 5): "Turing",
+    (8, 9): "Ada",
+    (9, None): "Hopper",
+}
+_FAMILIES.update({(8, None): "Ampere", (10, None): "Blackwell", (12, None): "Blackwell"})
+
+
+def family_of_capability(major: int, minor: int) -> str:
+    """The GPU generation (the ``family`` column of the GPU table) of a CUDA compute capability; "" if unknown."""
+    return _FAMILIES.get((major, minor)) or _FAMILIES.get((major, None), "")
+
+
 def parse_binary_bytes(text: str) -> int:
     """A GPU memory size -> bytes, in binary units as on GPU labels: ``24GB`` = ``24 GiB`` = ``24G`` =
     ``24`` = 24 * 2**30, ``24576MiB`` = ``24576MB`` = 24576 * 2**20 (see the module doc; export's shard

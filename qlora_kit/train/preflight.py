@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from qlora_kit.catalog.gpus import DeviceSpec, family_of_capability
 from qlora_kit.errors import UsageError
 from qlora_kit.recipe import Recipe
 from qlora_kit.train import checkpoint
@@ -17,40 +18,42 @@ from qlora_kit.train.outputs import Reporter
 
 @dataclass
 class Device:
-    kind: str  # "cuda" or "cpu"
-    name: str
-    memory_bytes: int
+    """Where training runs: ``kind`` is "cuda" or "cpu"; ``gpu`` is the card as the planner describes one
+    (name, memory, bf16, generation: :class:`DeviceSpec`, with its fit limit), ``None`` on the CPU."""
+
+    kind: str
+    gpu: DeviceSpec | None = None
 
 
 def detect_device() -> Device:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return Device("cuda", props.name, props.total_memory)
-    return Device("cpu", "CPU", 0)
+        family = family_of_capability(props.major, props.minor)
+        return Device("cuda", DeviceSpec(props.name, props.total_memory, torch.cuda.is_bf16_supported(), family))
+    return Device("cpu")
 
 
 def check_fits(recipe: Recipe, model_dir: str, device: Device, reporter: Reporter, force: bool) -> None:
     """Plan the recipe on the detected GPU before any weights load; refuse when it will not fit."""
-    from qlora_kit.catalog.gpus import DeviceSpec
     from qlora_kit.catalog.models import resolve_model
     from qlora_kit.plan.recipes import to_constraints
     from qlora_kit.plan.search import plan
 
-    if device.kind != "cuda":
+    gpu = device.gpu
+    if gpu is None:
         reporter.message("no CUDA GPU found: training on the CPU (fine for the tiny demo, slow for real models)")
         return
     arch = resolve_model(model_dir)
-    spec = DeviceSpec(device.name, device.memory_bytes, torch.cuda.is_bf16_supported())
-    result = plan(arch, spec, to_constraints(recipe))
+    result = plan(arch, gpu, to_constraints(recipe))
     est = result.best.estimate
     reporter.message(
-        f"plan: {est.device_bytes / 2**30:.2f} GiB of {device.memory_bytes / 2**30:.2f} GiB on "
-        f"{device.name} (peak allocated {est.peak_allocated_bytes / 2**30:.2f} GiB)"
+        f"plan: {est.device_bytes / 2**30:.2f} GiB of {gpu.memory_gib:.2f} GiB on "
+        f"{gpu.name} (peak allocated {est.peak_allocated_bytes / 2**30:.2f} GiB)"
     )
     if not result.fits and not force:
         raise UsageError(
-            f"the recipe needs about {est.device_bytes / 2**30:.1f} GiB on {device.name}, which has "
-            f"{device.memory_bytes / 2**30:.1f} GiB",
+            f"the recipe needs about {est.device_bytes / 2**30:.1f} GiB on {gpu.name}, which has "
+            f"{gpu.memory_gib:.1f} GiB",
             "run `qlora-kit plan --recipe` for settings that fit, or pass --force to try anyway",
         )
 
