@@ -114,7 +114,8 @@ def test_trained_weight_is_bit_exact_with_what_the_loaded_base_multiplies_by(tmp
     from conftest import build_tiny_model
     from safetensors.torch import load_file
 
-    from qlora_kit.export.merge import LOAD_DTYPES, trained_weight
+    from qlora_kit.export.merge import trained_weight
+    from qlora_kit.model.load import TORCH_DTYPES as LOAD_DTYPES
     from qlora_kit.model.load import load_base
     from qlora_kit.recipe import ModelSpec, QuantSpec
 

@@ -24,8 +24,9 @@ from qlora_kit.adapter import QuantSource
 from qlora_kit.errors import UsageError
 from qlora_kit.export import rounding
 from qlora_kit.export.layout import Adapter, Layout, LoraFactor
-from qlora_kit.export.shards import LOAD_DTYPES, Checkpoint, PlannedTensor, Shard, ShardWriter, shard_names
+from qlora_kit.export.shards import Checkpoint, PlannedTensor, Shard, ShardWriter, shard_names
 from qlora_kit.knobs import FOUR_BIT
+from qlora_kit.model.load import TORCH_DTYPES
 
 # -- what training computed with ----------------------------------------------------------------------
 
@@ -252,7 +253,7 @@ def produce(op: Op, shard: Shard, plan: Plan) -> Iterator[torch.Tensor]:
     if not src_dtype.is_floating_point:
         yield from shard.chunks(op.source)
         return
-    load_dtype = LOAD_DTYPES.get(q.compute_dtype, src_dtype)
+    load_dtype = TORCH_DTYPES.get(q.compute_dtype, src_dtype)
     if op.replacement is None and not op.quantized and op.factor is None:
         for piece in shard.chunks(op.source):
             # in dequantized mode, what the training forward held: the load dtype (k-bit prep upcasts exactly)

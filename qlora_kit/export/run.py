@@ -44,10 +44,9 @@ from qlora_kit.export.shards import Checkpoint, open_checkpoint, parse_decimal_b
 from qlora_kit.export.verify import size_text, verification_skipped, verify_export
 from qlora_kit.host import peak_rss_bytes
 from qlora_kit.knobs import FOUR_BIT
-from qlora_kit.model.load import stretched_config
+from qlora_kit.model.load import TORCH_DTYPES, stretched_config
 
 MERGE_MODES = ("dequantized", "original")
-OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -93,8 +92,8 @@ def export(
     """
     started = time.perf_counter()
     reporter = reporter or SilentReporter()
-    if dtype not in OUT_DTYPES:
-        raise UsageError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}", "")
+    if dtype not in TORCH_DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}", "")
     shard_bytes = parse_decimal_bytes(max_shard_size)
     inputs = read_inputs(
         adapter_dir,
@@ -109,7 +108,7 @@ def export(
         trust_remote_code,
     )
     plan = plan_export(
-        inputs.checkpoint, inputs.layout, inputs.adapter, inputs.qsource, merge_into, OUT_DTYPES[dtype], shard_bytes
+        inputs.checkpoint, inputs.layout, inputs.adapter, inputs.qsource, merge_into, TORCH_DTYPES[dtype], shard_bytes
     )
     for note in plan.notes:
         reporter.message(note)
@@ -354,7 +353,7 @@ def _write_config(tmp: Path, base_path: Path, plan: Plan, dtype: str, rope: dict
         text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
         text.pop("rope_scaling", None)  # the pre-5 spelling, which would contradict it
         text["rope_parameters"] = rope
-    torch_name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
+    torch_name = str(TORCH_DTYPES[dtype]).removeprefix("torch.")
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
     config["dtype"] = torch_name

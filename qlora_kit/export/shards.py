@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 import torch
 
 from qlora_kit.errors import UsageError
+from qlora_kit.model.load import TORCH_DTYPES
 
-LOAD_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _ST_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -141,7 +141,7 @@ class Checkpoint:
         """The checkpoint's floating-point dtype (what transformers 5 loads it in by default)."""
         for header in self.headers:
             for dt, _ in header.values():
-                for name, known in LOAD_DTYPES.items():
+                for name, known in TORCH_DTYPES.items():
                     if dt == known:
                         return name
         return "fp32"

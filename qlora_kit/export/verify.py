@@ -25,7 +25,7 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.export.layout import Layout
 from qlora_kit.export.merge import Plan
 from qlora_kit.export.report import ExportReporter
-from qlora_kit.export.shards import LOAD_DTYPES
+from qlora_kit.model.load import TORCH_DTYPES
 
 # Verification passes when max|logits_export - logits_adapter| <= TOLERANCE_ULPS * u * max(1, max|logits_adapter|),
 # u the unit roundoff of the output dtype (fp16 2^-11, bf16 2^-8; fp32 is held to 2^-20, the noise of
@@ -200,7 +200,7 @@ def _reference_model(
 
     base, seq_len = trained_spec(base_path, read_metadata(adapter_path), trust_remote_code)  # RoPE as trained
     if merge_into == "original" or qsource.mode == "none":
-        load = LOAD_DTYPES[qsource.compute_dtype] if merge_into == "dequantized" else "auto"
+        load = TORCH_DTYPES[qsource.compute_dtype] if merge_into == "dequantized" else "auto"
         stretched = stretched_config(base, seq_len)
         kwargs = {"config": stretched} if stretched is not None else {}
         model = AutoModelForCausalLM.from_pretrained(

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
+from qlora_kit.knobs import DTYPES
 from qlora_kit.plan import dora
 from qlora_kit.plan.flops import choose
 
@@ -142,7 +143,7 @@ class Ctx:
         self.f, self.d, self.o = family, d, o
         kbit = o.kbit_prep if o.kbit_prep is not None else (o.quant != "none")
         self.kbit = kbit
-        em = {"fp32": 4, "bf16": 2, "fp16": 2}[o.dtype]
+        em = DTYPES[o.dtype]
         self.e_np = 4 if kbit else em  # non-quantized params (embeddings, norms, lm_head, non-4bit linears)
         self.e_h = self.e_np
         # Falcon's FalconLinear (nn.Linear subclass) is NOT replaced by bnb Linear4bit in transformers 5.23:

@@ -62,9 +62,11 @@ def _autocast(recipe: Recipe, device: Device) -> Any:
     """16-bit autocast for a k-bit-prepared base on a GPU (what the planner models)."""
     from contextlib import nullcontext
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.quant.compute_dtype)
-    if device.kind == "cuda" and recipe.quant.mode != "none" and dtype is not None:
-        return torch.autocast("cuda", dtype=dtype)
+    from qlora_kit.model.load import TORCH_DTYPES
+
+    dtype = recipe.quant.compute_dtype
+    if device.kind == "cuda" and recipe.quant.mode != "none" and dtype in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=TORCH_DTYPES[dtype])
     return nullcontext()
 
 
