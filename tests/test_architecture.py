@@ -11,7 +11,7 @@ import qlora_kit
 ROOT = Path(qlora_kit.__file__).parent
 # a room may import rooms of a lower layer only (and itself)
 LAYERS = {
-    "errors": 0, "knobs": 0, "host": 0,
+    "errors": 0, "knobs": 0, "host": 0, "files": 0,
     "recipe": 1, "catalog": 1,
     "plan": 2,
     "hub": 2,
@@ -24,7 +24,7 @@ LAYERS = {
 # inside cli/: one module per verb; a verb may share only what cli/common.py holds, and only the
 # package's __init__ (main) knows every verb
 CLI_SHARED = ("qlora_kit.cli.common",)
-TORCH_FREE = ("errors", "knobs", "host", "recipe", "catalog", "plan")
+TORCH_FREE = ("errors", "knobs", "host", "files", "recipe", "catalog", "plan")
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
 
 

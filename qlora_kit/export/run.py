@@ -42,6 +42,7 @@ from qlora_kit.export.merge import Plan, plan_export, write_shards
 from qlora_kit.export.report import ExportReporter, SilentReporter
 from qlora_kit.export.shards import Checkpoint, open_checkpoint, parse_decimal_bytes
 from qlora_kit.export.verify import size_text, verification_skipped, verify_export
+from qlora_kit.files import staged_dir
 from qlora_kit.host import peak_rss_bytes
 from qlora_kit.knobs import FOUR_BIT
 from qlora_kit.model.load import TORCH_DTYPES, stretched_config
@@ -371,33 +372,16 @@ def _write_config(tmp: Path, base_path: Path, plan: Plan, dtype: str, rope: dict
 def staged(out: Path) -> Iterator[Path]:
     """A hidden directory next to ``out`` to write into; renamed to ``out`` when the block completes,
     removed when it raises (a full disk becomes one line)."""
-    tmp = out.with_name(f".{out.name}.qlora-kit-partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # a previous export that was killed
     try:
-        tmp.mkdir(parents=True)
-        yield tmp
-        _move_into_place(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        with staged_dir(out, f".{out.name}.qlora-kit-partial") as tmp:
+            yield tmp
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
             raise UsageError(
                 f"the disk filled up while writing next to {out}; nothing was written",
                 "free some space or choose another --out",
             ) from None
         raise
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.qlora-kit-old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- the model card -------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qlora_kit.errors import UsageError, writing
+from qlora_kit.files import staged_dir
 from qlora_kit.recipe import ModelSpec, QuantSpec
 
 if TYPE_CHECKING:
@@ -216,23 +216,15 @@ def materialize_random_init(model: ModelSpec, target: Path, seed: int) -> ModelS
         and (target / ".random-init.json").is_file()
         and (target / ".random-init.json").read_text() == stamp
     ):
-        tmp = target.with_name(f".tmp-{target.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with writing(target, "the random-init base"):
-            try:
-                with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
-                    torch.manual_seed(seed)
-                    config = AutoConfig.from_pretrained(source)
-                    AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-                for item in source.iterdir():
-                    if item.is_file() and item.name != "config.json":
-                        shutil.copy(item, tmp / item.name)
-                (tmp / ".random-init.json").write_text(stamp)
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(tmp, target)
-            except BaseException:  # a full disk, Ctrl-C: no half-written base stays behind
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        with writing(target, "the random-init base"), staged_dir(target, f".tmp-{target.name}") as tmp:
+            with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+                torch.manual_seed(seed)
+                config = AutoConfig.from_pretrained(source)
+                AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+            for item in source.iterdir():
+                if item.is_file() and item.name != "config.json":
+                    shutil.copy(item, tmp / item.name)
+            (tmp / ".random-init.json").write_text(stamp)
     return dataclasses.replace(model, name=str(target), random_init=False)
 
 

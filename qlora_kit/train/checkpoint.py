@@ -14,7 +14,6 @@ unpickler builds only tensors and plain containers and refuses every other globa
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from qlora_kit.errors import UsageError, writing
+from qlora_kit.files import staged_dir
 
 STATE_FILE = "state.json"
 PREFIX = "step-"
@@ -80,22 +80,12 @@ def save(
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{PREFIX}{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(root, f"checkpoint {final.name}"):
-        try:
-            tmp.mkdir()
-            model.save_pretrained(tmp, state_dict=model_state)
-            torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / RNG_FILE).write_text(json.dumps(rng))
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint stays behind
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with writing(root, f"checkpoint {final.name}"), staged_dir(final, f".tmp-{PREFIX}{step:06d}") as tmp:
+        model.save_pretrained(tmp, state_dict=model_state)
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / RNG_FILE).write_text(json.dumps(rng))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
     for old in complete(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
