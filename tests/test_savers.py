@@ -261,3 +261,19 @@ def test_planner_models_each_saver_on_a_real_size_model():
     # the peak sits at backward's start here, before any layer's input is copied back for its recomputation
     assert peak_moment(arch, base.with_(grad_ckpt=True, offload_ckpt=True)) == "backward start"
     assert ck.peak_allocated_bytes - off.peak_allocated_bytes == off.host_bytes
+
+
+def test_a_selective_upcast_bf16_adapter_exports_and_verifies(tmp_path: Path):
+    """The export's reference loads the base as training did (selective upcast leaves the embeddings and
+    head 16-bit), then computes in fp32: the merged fp32 export matches it within fp32 noise."""
+    from test_train import Quiet, demo_recipe
+
+    from qlora_kit.export.run import export
+    from qlora_kit.train.loop import train
+
+    run = tmp_path / "run"
+    sets = {"quant.upcast": "selective", "quant.compute_dtype": "bf16", "max_steps": 2, "save_steps": 0}
+    train(demo_recipe(run, **sets), Quiet())
+    summary = export(run, tmp_path / "merged", dtype="fp32")
+    check = summary["verification"]
+    assert check["passed"] and check["max_abs_diff"] < 1e-3, check

@@ -195,11 +195,12 @@ def _reference_model(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.adapter import read_metadata, trained_spec
+    from qlora_kit.adapter import load_trained_base, read_metadata, trained_spec
     from qlora_kit.model.load import stretched_config
 
-    base, seq_len = trained_spec(base_path, read_metadata(adapter_path), trust_remote_code)  # RoPE as trained
+    metadata = read_metadata(adapter_path)
     if merge_into == "original" or qsource.mode == "none":
+        base, seq_len = trained_spec(base_path, metadata, trust_remote_code)  # RoPE as trained
         load = TORCH_DTYPES[qsource.compute_dtype] if merge_into == "dequantized" else "auto"
         stretched = stretched_config(base, seq_len)
         kwargs = {"config": stretched} if stretched is not None else {}
@@ -209,14 +210,13 @@ def _reference_model(
         model = model.float()
     else:
         import bitsandbytes as bnb
-        from peft import prepare_model_for_kbit_training
 
-        from qlora_kit.model.load import load_base
-        from qlora_kit.recipe import QuantSpec
-
-        spec = QuantSpec(qsource.mode, qsource.double_quant, qsource.compute_dtype)
-        model = load_base(base, spec, device_map={"": "cpu"}, seq_len=seq_len)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # the base exactly as inference and training load it, then computed in fp32: every 16-bit
+        # parameter upcast (what peft's k-bit preparation does; a selective-upcast recipe kept some 16-bit)
+        model, _ = load_trained_base(base_path, qsource, metadata, trust_remote_code, {"": "cpu"})
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+                param.data = param.data.float()
         for name, module in list(model.named_modules()):
             if isinstance(module, bnb.nn.Linear4bit):
                 parent, _, leaf = name.rpartition(".")
