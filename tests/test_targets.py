@@ -73,3 +73,18 @@ def test_a_comma_separated_string_adapts_those_layers_in_peft(tmp_path) -> None:
     assert set(model.peft_config["default"].target_modules) == {"q_proj", "o_proj"}
     adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
     assert adapted == {"q_proj", "o_proj"}
+
+
+def test_a_target_the_loaded_model_lacks_is_one_line_naming_the_layers_it_has(tiny_model_dir) -> None:
+    """peft would raise NoMatchingPeftModuleError with a traceback; training refuses first, in one line."""
+    from conftest import TINY_LLAMA
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.model.lora import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(TINY_LLAMA))
+    with pytest.raises(UsageError) as info:
+        apply_lora(model, LoraSpec(targets="q_proj,foo_proj"))
+    assert "foo_proj" in info.value.message and "q_proj" not in info.value.message
+    assert "q_proj" in info.value.hint and "v_proj" in info.value.hint and "lm_head" not in info.value.hint
+    assert apply_lora(model, LoraSpec(targets="self_attn.q_proj")) is not None  # peft's dotted suffixes match

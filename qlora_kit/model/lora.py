@@ -56,11 +56,14 @@ def apply_lora(model: Any, spec: LoraSpec) -> Any:
 
     if spec.variant == "dora":
         check_dora_runs(any(type(p).__name__ == "Int8Params" and p.device.type == "cpu" for p in model.parameters()))
+    targets = target_modules(spec, model.config.model_type, model.config.name_or_path)
+    if targets != ALL_LINEAR:
+        check_targets(targets, model)
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=target_modules(spec, model.config.model_type, model.config.name_or_path),
+        target_modules=targets,
         bias=spec.bias,
         use_dora=spec.variant == "dora",
         use_rslora=spec.rslora,
@@ -74,6 +77,26 @@ def apply_lora(model: Any, spec: LoraSpec) -> Any:
 
         runlora.install(model)
     return model
+
+
+def check_targets(names: list[str], model: Any) -> None:
+    """Refuse, in one line, target names that match no module of the loaded model (peft matches a name
+    against the end of each module's dotted name, and would raise its own error with a traceback)."""
+    modules = [n for n, _ in model.named_modules()]
+    unknown = [t for t in names if not any(m == t or m.endswith("." + t) for m in modules)]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)} - {"lm_head"})
+        raise UsageError(
+            f"lora.targets: {', '.join(unknown)} is not a module of {model.config.name_or_path}",
+            f"choose from {', '.join(linear)}, or all-linear",
+        )
+
+
+def _is_linear(module: Any) -> bool:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
 
 
 def check_dora_runs(int8_on_cpu: bool) -> None:
