@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -381,30 +379,3 @@ def dump_recipe(recipe: Recipe, header: str = "") -> str:
     body = yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False)
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
     return comment + body
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a file via a temporary file in the same directory, renamed into place when complete.
-
-    The file gets the mode a plain ``open`` would give it (0666 less the umask; a replaced file keeps
-    its own), not the 0600 of the temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            os.fchmod(fh.fileno(), _file_mode(path))
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _file_mode(path: Path) -> int:
-    try:
-        return path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-        os.umask(umask)
-        return 0o666 & ~umask

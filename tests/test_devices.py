@@ -204,16 +204,16 @@ def test_train_plans_the_recipe_on_the_detected_card_and_refuses_what_will_not_f
 
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "llama" / "3.1-8b_qlora_24gb.yaml")
     model = recipe.model.name
-    big = Device("cuda", DeviceSpec("NVIDIA H100 80GB HBM3", 80 * GIB, True, "Hopper"))
+    big = Device(DeviceSpec("NVIDIA H100 80GB HBM3", 80 * GIB, True, "Hopper"))
     said = _Messages()
     check_fits(recipe, model, big, said, force=False)  # type: ignore[arg-type]
     assert (
         len(said.lines) == 1 and said.lines[0].startswith("plan: ") and "of 80.00 GiB on NVIDIA H100" in said.lines[0]
     )
-    small = Device("cuda", DeviceSpec("NVIDIA RTX A2000", 4 * GIB, True, "Ampere"))
+    small = Device(DeviceSpec("NVIDIA RTX A2000", 4 * GIB, True, "Ampere"))
     with pytest.raises(UsageError, match=r"needs about [0-9.]+ GiB on NVIDIA RTX A2000, which has 4.0 GiB"):
         check_fits(recipe, model, small, _Messages(), force=False)  # type: ignore[arg-type]
     check_fits(recipe, model, small, _Messages(), force=True)  # type: ignore[arg-type]
     cpu = _Messages()
-    check_fits(recipe, model, Device("cpu"), cpu, force=False)  # type: ignore[arg-type]
+    check_fits(recipe, model, Device(), cpu, force=False)  # type: ignore[arg-type]
     assert cpu.lines == ["no CUDA GPU found: training on the CPU (fine for the tiny demo, slow for real models)"]

@@ -190,6 +190,7 @@ def _write_plan_recipe(args: argparse.Namespace, result: Any, model_name: str, d
     A plan that does not fit writes nothing and says so: its recipe would only run out of memory (and
     ``train`` refuses it without ``--force``), and an earlier file at the path is left as it was."""
     from qlora_kit import recipe as recipes
+    from qlora_kit.files import write_atomic
     from qlora_kit.plan.recipes import from_plan
 
     if not result.fits:  # one line after the plan; the exit status is the plan's: 3, nothing fits
@@ -214,7 +215,7 @@ def _write_plan_recipe(args: argparse.Namespace, result: Any, model_name: str, d
         f"train it with: qlora-kit train {args.write_recipe}"
         + ("" if data else "\n(data: the bundled quotes; point data.path at your dataset)")
     )
-    recipes.write_atomic(args.write_recipe, recipes.dump_recipe(written, header))
+    write_atomic(args.write_recipe, recipes.dump_recipe(written, header))
     if not args.json:  # --json keeps stdout one object
         from qlora_kit import ui
 

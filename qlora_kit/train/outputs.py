@@ -171,7 +171,7 @@ def write_final(
         "summary": summary,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }
-    from qlora_kit.recipe import write_atomic
+    from qlora_kit.files import write_atomic
 
     with writing(output_dir, METADATA_FILE):
         write_atomic(output_dir / METADATA_FILE, json.dumps(metadata, indent=2))

@@ -16,21 +16,25 @@ from qlora_kit.train import checkpoint
 from qlora_kit.train.outputs import Reporter
 
 
-@dataclass
+@dataclass(frozen=True)
 class Device:
-    """Where training runs: ``kind`` is "cuda" or "cpu"; ``gpu`` is the card as the planner describes one
-    (name, memory, bf16, generation: :class:`DeviceSpec`, with its fit limit), ``None`` on the CPU."""
+    """Where training runs: ``gpu`` is the first CUDA card as the planner describes one (name, memory,
+    bf16, generation: :class:`DeviceSpec`, with its fit limit), ``None`` on the CPU."""
 
-    kind: str
     gpu: DeviceSpec | None = None
+
+    @property
+    def kind(self) -> str:
+        """The torch device type the run uses: "cuda" or "cpu"."""
+        return "cpu" if self.gpu is None else "cuda"
 
 
 def detect_device() -> Device:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         family = family_of_capability(props.major, props.minor)
-        return Device("cuda", DeviceSpec(props.name, props.total_memory, torch.cuda.is_bf16_supported(), family))
-    return Device("cpu")
+        return Device(DeviceSpec(props.name, props.total_memory, torch.cuda.is_bf16_supported(), family))
+    return Device()
 
 
 def check_fits(recipe: Recipe, model_dir: str, device: Device, reporter: Reporter, force: bool) -> None:
