@@ -80,8 +80,15 @@ def render_plan(p: Plan) -> None:
         table.add_row("host memory (offloaded, all GPUs)", f"{est.host_bytes / GIB:,.2f}")
     console.print(table)
     title = "chosen settings" if p.fits else "smallest setting"
-    defaults = {"lora_fa": False, "kernel": "peft", "dora": False, "rslora": False, "upcast": "all"}
-    defaults.update(chunked_loss=False, offload_ckpt=False)
+    defaults = {
+        "lora_fa": False,
+        "kernel": "peft",
+        "dora": False,
+        "rslora": False,
+        "upcast": "all",
+        "chunked_loss": False,
+        "offload_ckpt": False,
+    }
     switches = {k: v for k, v in p.best.switches().items() if defaults.get(k) != v}
     choice = ", ".join(f"{k}={v}" for k, v in {**p.best.choice(), **switches}.items())
     console.print(f"[bold]{title}:[/] {choice}")
